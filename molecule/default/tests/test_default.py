@@ -4,7 +4,7 @@ import json
 import uuid
 
 import pytest
-from conftest import ENV_PYTHON, HERE, journal, run_python
+from mlflow_testlib import ENV_PYTHON, client_script, journal, run_python, running_service  # noqa: F401
 
 DATA_DIR = "/var/lib/mlflow"
 ENV_FILE = "/etc/mlflow/mlflow.env"
@@ -142,8 +142,7 @@ def test_own_hostname_is_an_allowed_host(host, running_service):
 
 def test_client_round_trip(host, running_service):
     suffix = uuid.uuid4().hex[:8]
-    script = (HERE / "client_roundtrip.py").read_text()
-    out = run_python(host, script, "http://127.0.0.1:5000", suffix)
+    out = run_python(host, client_script(), "http://127.0.0.1:5000", suffix)
     assert out.rc == 0, out.stdout + out.stderr + journal(host)
     result = json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,0 +1,247 @@
+"""PostgreSQL backend, S3 artifacts (proxied and direct), the upgrade, and secrets.
+
+Runs against mlflow-app; the other instances are reached with other_host().
+"""
+
+import base64
+import json
+import os
+import re
+import uuid
+
+import pytest
+from mlflow_testlib import client_script, journal, other_host, require_running, run_python
+
+testinfra_hosts = ["ansible://mlflow-app"]
+
+DB_PASSWORD = "Molecule-Only-Pg-Secret-7f3a91"
+S3_SECRET = "Molecule-Only-S3-Secret-c2d4e8"
+BUCKET = "mlflow-artifacts"
+OLD_VERSION = "3.16.1"
+NEW_VERSION = "3.17.2"
+
+
+@pytest.fixture(scope="module")
+def db():
+    return other_host("mlflow-db")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    return other_host("mlflow-s3")
+
+
+@pytest.fixture(scope="module")
+def direct():
+    return other_host("mlflow-app-direct")
+
+
+def psql(db, sql):
+    out = db.run(f"runuser -u postgres -- psql -d mlflow -tAc \"{sql}\"")
+    assert out.rc == 0, out.stderr
+    return out.stdout.strip()
+
+
+def s3_object(s3, key):
+    script = (
+        "import boto3,sys; c=boto3.client('s3', endpoint_url='http://127.0.0.1:9000', region_name='us-east-1',"
+        " aws_access_key_id='k', aws_secret_access_key='s');"
+        f" sys.stdout.write(c.get_object(Bucket='{BUCKET}', Key='{key}')['Body'].read().decode())"
+    )
+    return s3.run(f"/opt/s3-test-endpoint/bin/python -c \"{script}\"")
+
+
+def round_trip(host, env=None):
+    suffix = uuid.uuid4().hex[:8]
+    out = run_python(host, client_script(), "http://127.0.0.1:5000", suffix, env=env)
+    assert out.rc == 0, out.stdout + out.stderr + journal(host)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_both_servers_run_the_new_mlflow(host, direct):
+    for h in (host, direct):
+        require_running(h)
+        assert h.run("curl -sS http://127.0.0.1:5000/health").stdout.strip() == "OK", journal(h)
+        version = h.run("/opt/miniconda3/envs/mlflow/bin/python -m pip show mlflow").stdout
+        assert f"Version: {NEW_VERSION}" in version
+
+
+def test_backend_uri_has_no_password_and_the_password_is_in_pgpassword(host):
+    env = host.file("/etc/mlflow/mlflow.env")
+    assert env.mode == 0o640 and env.group == "mlflow"
+    content = host.run("cat /etc/mlflow/mlflow.env").stdout
+    uri = [line for line in content.splitlines() if line.startswith("MLFLOW_BACKEND_STORE_URI=")][0]
+    assert uri == 'MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://mlflow@mlflow-db:5432/mlflow?sslmode=prefer"'
+    assert f'PGPASSWORD="{DB_PASSWORD}"' in content
+    assert 'MLFLOW_SQLALCHEMYSTORE_POOL_SIZE="5"' in content
+    assert 'MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW="10"' in content
+    assert 'MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE="1800"' in content
+
+
+def test_artifact_modes_are_configured(host, direct):
+    proxied = host.run("cat /etc/mlflow/mlflow.env").stdout
+    assert 'MLFLOW_SERVE_ARTIFACTS="true"' in proxied
+    assert f'MLFLOW_ARTIFACTS_DESTINATION="s3://{BUCKET}/proxied"' in proxied
+    assert 'MLFLOW_S3_ENDPOINT_URL="http://mlflow-s3:9000"' in proxied
+    direct_env = direct.run("cat /etc/mlflow/mlflow.env").stdout
+    assert 'MLFLOW_SERVE_ARTIFACTS="false"' in direct_env
+    assert f'MLFLOW_DEFAULT_ARTIFACT_ROOT="s3://{BUCKET}/direct"' in direct_env
+    assert "MLFLOW_ARTIFACTS_DESTINATION" not in direct_env
+
+
+def test_proxied_round_trip_lands_in_postgresql_and_the_bucket(host, db, s3):
+    result = round_trip(host)
+    assert result["params"] == {"alpha": "0.5"}
+    assert result["metric_history"] == [[0, 0.25], [1, 0.125]]
+    assert result["artifact_uri"].startswith("mlflow-artifacts:")
+    assert result["artifact_content"] == result["expected_artifact_content"]
+    assert result["model_status"] == "READY"
+
+    assert psql(db, f"select count(*) from runs where run_uuid = '{result['run_id']}'") == "1"
+    assert psql(db, f"select value from params where run_uuid = '{result['run_id']}' and key = 'alpha'") == "0.5"
+    assert psql(db, f"select count(*) from model_versions where run_id = '{result['run_id']}'") == "1"
+
+    key = f"proxied/{result['experiment_id']}/{result['run_id']}/artifacts/docs/notes.txt"
+    obj = s3_object(s3, key)
+    assert obj.rc == 0, obj.stderr
+    assert obj.stdout == result["expected_artifact_content"]
+    # Nothing was written to the local disk of the server instead.
+    assert not host.file(f"/var/lib/mlflow/artifacts/{result['experiment_id']}").exists
+
+
+def test_direct_round_trip_writes_to_the_bucket_from_the_client(direct, db, s3):
+    client_env = {
+        "MLFLOW_S3_ENDPOINT_URL": "http://mlflow-s3:9000",
+        "AWS_ACCESS_KEY_ID": "molecule-access-key",
+        "AWS_SECRET_ACCESS_KEY": "client-side-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = round_trip(direct, env=client_env)
+    assert result["artifact_uri"].startswith(f"s3://{BUCKET}/direct/")
+    assert result["artifact_content"] == result["expected_artifact_content"]
+    assert psql(db, f"select count(*) from runs where run_uuid = '{result['run_id']}'") == "1"
+    key = f"direct/{result['experiment_id']}/{result['run_id']}/artifacts/docs/notes.txt"
+    obj = s3_object(s3, key)
+    assert obj.rc == 0, obj.stderr
+    assert obj.stdout == result["expected_artifact_content"]
+
+
+def test_the_schema_was_migrated_once_for_the_shared_database(host, direct, db):
+    logs = [h.run("cat /var/lib/mlflow/db-migrations.log").stdout for h in (host, direct)]
+    lines = [line for log in logs for line in log.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert f"with mlflow {NEW_VERSION}" in lines[0]
+    assert "mlflow@mlflow-db:5432/mlflow" in lines[0]
+    assert DB_PASSWORD not in lines[0]
+    status = host.run(
+        "systemd-run --quiet --pipe --wait --collect --uid=mlflow --gid=mlflow"
+        " --property=EnvironmentFile=/etc/mlflow/mlflow.env --working-directory=/var/lib/mlflow"
+        " /opt/miniconda3/envs/mlflow/bin/python /usr/local/libexec/mlflow/mlflow_db.py status"
+    )
+    assert status.rc == 0, status.stderr
+    store = json.loads(status.stdout)["stores"][0]
+    assert store["state"] == "current"
+    assert lines[0].rstrip().split(" to ")[1].startswith(store["latest"])
+    assert psql(db, "select version_num from alembic_version") == store["latest"]
+
+
+def test_a_backup_was_taken_before_the_migration(host, direct):
+    dumps = [
+        (h, f.strip())
+        for h in (host, direct)
+        for f in h.run("ls /var/backups/mlflow/ 2>/dev/null").stdout.splitlines()
+        if f.strip()
+    ]
+    assert len(dumps) == 1, dumps
+    h, name = dumps[0]
+    assert name.startswith("mlflow-") and name.endswith(f"-before-mlflow-{NEW_VERSION}.dump")
+    listing = h.run(f"pg_restore --list /var/backups/mlflow/{name}")
+    assert listing.rc == 0, listing.stderr
+    assert "TABLE public runs" in listing.stdout
+    f = h.file(f"/var/backups/mlflow/{name}")
+    assert f.user == "mlflow" and f.mode & 0o007 == 0
+
+
+def test_data_logged_before_the_upgrade_reads_back(host, s3):
+    before = json.loads(host.file("/root/before-upgrade.json").content_string)
+    reader = f"""
+import json, sys, tempfile
+from mlflow.tracking import MlflowClient
+c = MlflowClient("http://127.0.0.1:5000")
+run = c.get_run("{before['run_id']}")
+with tempfile.TemporaryDirectory() as tmp:
+    content = open(c.download_artifacts(run.info.run_id, "docs/notes.txt", tmp)).read()
+mv = c.get_model_version("{before['model_name']}", "{before['model_version']}")
+exp = c.get_experiment("{before['experiment_id']}")
+print(json.dumps({{"params": run.data.params, "metrics": run.data.metrics,
+    "history": [[m.step, m.value] for m in sorted(c.get_metric_history(run.info.run_id, "rmse"), key=lambda m: m.step)],
+    "content": content, "model_run_id": mv.run_id, "experiment": exp.name}}))
+"""
+    out = run_python(host, reader)
+    assert out.rc == 0, out.stderr + journal(host)
+    after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert after["params"] == before["params"]
+    assert after["metrics"] == before["metrics"]
+    assert after["history"] == before["metric_history"]
+    assert after["content"] == before["expected_artifact_content"]
+    assert after["model_run_id"] == before["run_id"]
+    assert after["experiment"] == before["experiment_name"]
+
+
+# The secrets reach the scanner base64-encoded, so that its own command line does not carry them.
+CMDLINE_SCAN = """
+import base64, glob, json, sys
+secrets = base64.b64decode(sys.argv[1]).decode().split()
+hits, scanned = [], 0
+for path in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+        cmd = open(path, "rb").read().replace(b"\\0", b" ").decode(errors="replace")
+    except OSError:
+        continue
+    scanned += 1
+    hits += [cmd for s in secrets if s in cmd]
+print(json.dumps({"scanned": scanned, "hits": hits}))
+"""
+
+
+@pytest.mark.parametrize("name", ["mlflow-app", "mlflow-app-direct", "mlflow-db"])
+def test_no_secret_in_any_process_command_line(name):
+    h = other_host(name)
+    encoded = base64.b64encode(f"{DB_PASSWORD} {S3_SECRET}".encode()).decode()
+    out = h.run(f"python3 -c '{CMDLINE_SCAN}' {encoded}")
+    assert out.rc == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["scanned"] > 5
+    assert result["hits"] == []
+
+
+@pytest.mark.parametrize("name", ["mlflow-app", "mlflow-app-direct", "mlflow-db"])
+def test_no_secret_in_the_journal(name):
+    h = other_host(name)
+    text = h.run("journalctl --no-pager -o cat").stdout
+    assert "mlflow" in text.lower() or name == "mlflow-db"
+    assert DB_PASSWORD not in text
+    assert S3_SECRET not in text
+
+
+def test_no_secret_in_the_ansible_output():
+    """Every play that ran (prepare, converge, idempotence), with --diff, is in the log.
+
+    testinfra's own inventory dumps land there too (it lists the inventory, test secrets
+    included): only the records of processes that ran plays are searched.
+    """
+    log_path = os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "ansible.log")
+    records, pids = [], set()
+    with open(log_path) as f:
+        for line in f:
+            match = re.match(r"^\d{4}-\d\d-\d\d [\d:,]+ p=(\d+) ", line)
+            if match:
+                records.append([match.group(1), line])
+                if "PLAY [" in line:
+                    pids.add(match.group(1))
+            elif records:
+                records[-1][1] += line
+    text = "".join(body for pid, body in records if pid in pids)
+    assert "PLAY RECAP" in text and "Migrate the database schema" in text, "the converge output was logged"
+    assert DB_PASSWORD not in text
+    assert S3_SECRET not in text

@@ -1,0 +1,113 @@
+"""Inspect and migrate the schema of MLflow's databases.
+
+Installed by the Ansible role `mlflow`, run with the conda env's Python as the service
+user, with the service's own environment (systemd-run -p EnvironmentFile=...), so that no
+database password is ever on a command line:
+
+    mlflow_db.py status    JSON: each store's URI (without password), revision, latest revision, state
+    mlflow_db.py upgrade   migrate the stores whose schema is out of date, one at a time
+
+The stores are MLFLOW_BACKEND_STORE_URI and, when set, MLFLOW_REGISTRY_STORE_URI. An upgrade
+holds a lock for the whole migration (a PostgreSQL advisory lock, or a file lock beside a
+SQLite database) and checks the revision again once it has the lock, so two runs never
+migrate one database at the same time, and the second finds nothing to do. Each migration
+is appended to MLFLOW_DB_MIGRATION_LOG (default: ./db-migrations.log).
+"""
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import sys
+
+import mlflow
+import sqlalchemy
+from mlflow.store.db import utils
+
+# An arbitrary constant that names "MLflow schema migration" among advisory locks.
+ADVISORY_LOCK_KEY = 0x4D4C464C4F57  # "MLFLOW"
+
+
+def store_uris():
+    uris = [os.environ["MLFLOW_BACKEND_STORE_URI"]]
+    registry = os.environ.get("MLFLOW_REGISTRY_STORE_URI", "")
+    if registry and registry not in uris:
+        uris.append(registry)
+    return uris
+
+
+def safe(uri):
+    """The URI with any password masked, for output and logs."""
+    return sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
+
+
+def inspect(uri):
+    engine = utils.create_sqlalchemy_engine(uri)
+    try:
+        head = utils._get_latest_schema_revision()
+        if not sqlalchemy.inspect(engine).has_table("alembic_version"):
+            current, state = None, "empty"
+        else:
+            current = utils._get_schema_version(engine)
+            state = "current" if current == head else "outdated"
+        return {"uri": safe(uri), "revision": current, "latest": head, "state": state}
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def migration_lock(uri, engine):
+    url = sqlalchemy.engine.make_url(uri)
+    if url.get_backend_name() == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
+    elif url.get_backend_name() == "sqlite" and url.database:
+        with open(url.database + ".migration.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+    else:
+        yield
+
+
+def upgrade(uri, log_path):
+    engine = utils.create_sqlalchemy_engine(uri)
+    try:
+        with migration_lock(uri, engine):
+            before = inspect(uri)
+            if before["state"] != "outdated":
+                return {**before, "migrated": False}
+            utils._upgrade_db(engine)
+            after = inspect(uri)
+    finally:
+        engine.dispose()
+    if after["state"] != "current":
+        raise SystemExit(f"migration of {safe(uri)} ended at {after['revision']}, not {after['latest']}")
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with open(log_path, "a") as log:
+        log.write(
+            f"{stamp} migrated {after['uri']} from {before['revision']} to {after['revision']}"
+            f" with mlflow {mlflow.__version__}\n"
+        )
+    return {**after, "previous": before["revision"], "migrated": True}
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ("status", "upgrade"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    if argv[1] == "status":
+        result = [inspect(uri) for uri in store_uris()]
+    else:
+        log_path = os.environ.get("MLFLOW_DB_MIGRATION_LOG", "db-migrations.log")
+        result = [upgrade(uri, log_path) for uri in store_uris()]
+    print(json.dumps({"mlflow": mlflow.__version__, "stores": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
