@@ -3,6 +3,7 @@
 #
 # MINICONDA=double   use the offline Miniconda test double (for places that cannot reach Anaconda)
 # BASE_IMAGE=...     base of the test image (default ubuntu:24.04)
+# UNSUPPORTED_IMAGE= an OS the role must refuse, for the bad-input scenario (default ubuntu:20.04)
 # CA_BUNDLE=...      PEM bundle the containers must trust (TLS-intercepting proxy)
 
 SHELL := /bin/bash
@@ -11,6 +12,8 @@ VENV ?= .venv
 BIN := $(CURDIR)/$(VENV)/bin
 MINICONDA ?= real
 BASE_IMAGE ?= ubuntu:24.04
+# An operating system the role does not support, for the bad-input scenario.
+UNSUPPORTED_IMAGE ?= ubuntu:20.04
 CA_BUNDLE ?=
 SANDBOX_NAME ?= mlflow-sandbox
 SANDBOX_PORT ?= 5000
@@ -18,6 +21,7 @@ DOUBLE := $(CURDIR)/files/test-doubles/Miniconda3-offline-test-double.sh
 
 export PATH := $(BIN):$(PATH)
 export MOLECULE_BASE_IMAGE := $(BASE_IMAGE)
+export MOLECULE_UNSUPPORTED_IMAGE := $(UNSUPPORTED_IMAGE)
 export MLFLOW_CA_BUNDLE := $(CA_BUNDLE)
 ifeq ($(MINICONDA),double)
 export MLFLOW_TEST_MINICONDA_INSTALLER := $(DOUBLE)
@@ -37,6 +41,7 @@ $(VENV)/.installed: requirements.txt
 
 lint: venv
 	yamllint --strict .
+	$(BIN)/python files/tools/check_docs.py
 	ansible-lint
 
 molecule: venv

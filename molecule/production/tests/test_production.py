@@ -16,6 +16,10 @@ testinfra_hosts = ["ansible://mlflow-app"]
 
 DB_PASSWORD = "Molecule-Only-Pg-Secret-7f3a91"
 S3_SECRET = "Molecule-Only-S3-Secret-c2d4e8"
+ADMIN_PASSWORD = "Molecule-Only-Admin-Pw-5b6a0d"
+SECRET_KEY = "Molecule-Only-Flask-Key-0123456789abcdef"
+SECRETS = [DB_PASSWORD, S3_SECRET, ADMIN_PASSWORD, SECRET_KEY]
+ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
 BUCKET = "mlflow-artifacts"
 OLD_VERSION = "3.16.1"
 NEW_VERSION = "3.17.2"
@@ -36,10 +40,14 @@ def direct():
     return other_host("mlflow-app-direct")
 
 
-def psql(db, sql):
-    out = db.run(f"runuser -u postgres -- psql -d mlflow -tAc \"{sql}\"")
+def psql_db(db, database, sql):
+    out = db.run(f"runuser -u postgres -- psql -d {database} -tAc \"{sql}\"")
     assert out.rc == 0, out.stderr
     return out.stdout.strip()
+
+
+def psql(db, sql):
+    return psql_db(db, "mlflow", sql)
 
 
 def s3_object(s3, key):
@@ -53,7 +61,7 @@ def s3_object(s3, key):
 
 def round_trip(host, env=None):
     suffix = uuid.uuid4().hex[:8]
-    out = run_python(host, client_script(), "http://127.0.0.1:5000", suffix, env=env)
+    out = run_python(host, client_script(), "http://127.0.0.1:5000", suffix, env={**ADMIN, **(env or {})})
     assert out.rc == 0, out.stdout + out.stderr + journal(host)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -128,8 +136,12 @@ def test_direct_round_trip_writes_to_the_bucket_from_the_client(direct, db, s3):
 
 def test_the_schema_was_migrated_once_for_the_shared_database(host, direct, db):
     logs = [h.run("cat /var/lib/mlflow/db-migrations.log").stdout for h in (host, direct)]
-    lines = [line for log in logs for line in log.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
+    everything = [line for log in logs for line in log.splitlines() if line.strip()]
+    # Every store was migrated at most once, whichever host did it.
+    stores = [line.split(" store ")[1].split(" from ")[0] for line in everything]
+    assert len(stores) == len(set(stores)), everything
+    lines = [line for line in everything if " tracking store " in line]
+    assert len(lines) == 1, everything
     assert f"with mlflow {NEW_VERSION}" in lines[0]
     assert "mlflow@mlflow-db:5432/mlflow" in lines[0]
     assert DB_PASSWORD not in lines[0]
@@ -177,7 +189,7 @@ print(json.dumps({{"params": run.data.params, "metrics": run.data.metrics,
     "history": [[m.step, m.value] for m in sorted(c.get_metric_history(run.info.run_id, "rmse"), key=lambda m: m.step)],
     "content": content, "model_run_id": mv.run_id, "experiment": exp.name}}))
 """
-    out = run_python(host, reader)
+    out = run_python(host, reader, env=ADMIN)
     assert out.rc == 0, out.stderr + journal(host)
     after = json.loads(out.stdout.strip().splitlines()[-1])
     assert after["params"] == before["params"]
@@ -207,7 +219,7 @@ print(json.dumps({"scanned": scanned, "hits": hits}))
 @pytest.mark.parametrize("name", ["mlflow-app", "mlflow-app-direct", "mlflow-db"])
 def test_no_secret_in_any_process_command_line(name):
     h = other_host(name)
-    encoded = base64.b64encode(f"{DB_PASSWORD} {S3_SECRET}".encode()).decode()
+    encoded = base64.b64encode(" ".join(SECRETS).encode()).decode()
     out = h.run(f"python3 -c '{CMDLINE_SCAN}' {encoded}")
     assert out.rc == 0, out.stderr
     result = json.loads(out.stdout)
@@ -220,8 +232,8 @@ def test_no_secret_in_the_journal(name):
     h = other_host(name)
     text = h.run("journalctl --no-pager -o cat").stdout
     assert "mlflow" in text.lower() or name == "mlflow-db"
-    assert DB_PASSWORD not in text
-    assert S3_SECRET not in text
+    for secret in SECRETS:
+        assert secret not in text
 
 
 def test_no_secret_in_the_ansible_output():
@@ -243,5 +255,19 @@ def test_no_secret_in_the_ansible_output():
                 records[-1][1] += line
     text = "".join(body for pid, body in records if pid in pids)
     assert "PLAY RECAP" in text and "Migrate the database schema" in text, "the converge output was logged"
-    assert DB_PASSWORD not in text
-    assert S3_SECRET not in text
+    for secret in SECRETS:
+        assert secret not in text
+
+
+def test_users_live_in_their_own_postgresql_database(host, db):
+    assert psql_db(db, "mlflow_auth", "select is_admin from users where username = 'admin'") == "t"
+    assert psql_db(db, "mlflow_auth", "select count(*) from alembic_version_auth") == "1"
+    ini = host.file("/etc/mlflow/basic_auth.ini")
+    assert ini.mode == 0o640 and ini.user == "root" and ini.group == "mlflow"
+    assert "database_uri = postgresql+psycopg2://mlflow@mlflow-db:5432/mlflow_auth" in ini.content_string
+
+
+def test_anonymous_requests_are_refused(host):
+    code = host.run("curl -s -o /dev/null -w '%{http_code}' "
+                    "'http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1'")
+    assert code.stdout == "401"

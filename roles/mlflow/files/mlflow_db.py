@@ -7,13 +7,15 @@ database password is ever on a command line:
     mlflow_db.py status    JSON: each store's URI (without password), revision, latest revision, state
     mlflow_db.py upgrade   migrate the stores whose schema is out of date, one at a time
 
-The stores are MLFLOW_BACKEND_STORE_URI and, when set, MLFLOW_REGISTRY_STORE_URI. An upgrade
+The stores are MLFLOW_BACKEND_STORE_URI, MLFLOW_REGISTRY_STORE_URI when set, and the users
+database of the basic-auth app when MLFLOW_AUTH_CONFIG_PATH is set. An upgrade
 holds a lock for the whole migration (a PostgreSQL advisory lock, or a file lock beside a
 SQLite database) and checks the revision again once it has the lock, so two runs never
 migrate one database at the same time, and the second finds nothing to do. Each migration
 is appended to MLFLOW_DB_MIGRATION_LOG (default: ./db-migrations.log).
 """
 
+import configparser
 import contextlib
 import datetime
 import fcntl
@@ -23,18 +25,42 @@ import sys
 
 import mlflow
 import sqlalchemy
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from mlflow.store.db import utils
 
 # An arbitrary constant that names "MLflow schema migration" among advisory locks.
 ADVISORY_LOCK_KEY = 0x4D4C464C4F57  # "MLFLOW"
 
 
-def store_uris():
-    uris = [os.environ["MLFLOW_BACKEND_STORE_URI"]]
+def stores():
+    """(kind, uri) of every database: 'tracking' (with the registry) or 'auth'."""
+    found = [("tracking", os.environ["MLFLOW_BACKEND_STORE_URI"])]
     registry = os.environ.get("MLFLOW_REGISTRY_STORE_URI", "")
-    if registry and registry not in uris:
-        uris.append(registry)
-    return uris
+    if registry and registry != found[0][1]:
+        found.append(("tracking", registry))
+    auth_config = os.environ.get("MLFLOW_AUTH_CONFIG_PATH", "")
+    if auth_config:
+        parser = configparser.ConfigParser()
+        parser.read(auth_config)
+        found.append(("auth", parser["mlflow"]["database_uri"]))
+    return found
+
+
+def auth_schema(engine, uri):
+    """(current, head) revision of the basic-auth app's users database."""
+    from mlflow.server.auth.db import utils as auth_utils
+
+    head = ScriptDirectory.from_config(auth_utils._get_alembic_config(uri)).get_current_head()
+    tables = sqlalchemy.inspect(engine).get_table_names()
+    if "users" not in tables:
+        return None, head, "empty"
+    if "alembic_version_auth" not in tables:
+        return None, head, "outdated"
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": "alembic_version_auth"})
+        current = context.get_current_revision()
+    return current, head, "current" if current == head else "outdated"
 
 
 def safe(uri):
@@ -42,16 +68,19 @@ def safe(uri):
     return sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
 
 
-def inspect(uri):
+def inspect(kind, uri):
     engine = utils.create_sqlalchemy_engine(uri)
     try:
-        head = utils._get_latest_schema_revision()
-        if not sqlalchemy.inspect(engine).has_table("alembic_version"):
-            current, state = None, "empty"
+        if kind == "auth":
+            current, head, state = auth_schema(engine, uri)
         else:
-            current = utils._get_schema_version(engine)
-            state = "current" if current == head else "outdated"
-        return {"uri": safe(uri), "revision": current, "latest": head, "state": state}
+            head = utils._get_latest_schema_revision()
+            if not sqlalchemy.inspect(engine).has_table("alembic_version"):
+                current, state = None, "empty"
+            else:
+                current = utils._get_schema_version(engine)
+                state = "current" if current == head else "outdated"
+        return {"kind": kind, "uri": safe(uri), "revision": current, "latest": head, "state": state}
     finally:
         engine.dispose()
 
@@ -74,15 +103,20 @@ def migration_lock(uri, engine):
         yield
 
 
-def upgrade(uri, log_path):
+def upgrade(kind, uri, log_path):
     engine = utils.create_sqlalchemy_engine(uri)
     try:
         with migration_lock(uri, engine):
-            before = inspect(uri)
+            before = inspect(kind, uri)
             if before["state"] != "outdated":
                 return {**before, "migrated": False}
-            utils._upgrade_db(engine)
-            after = inspect(uri)
+            if kind == "auth":
+                from mlflow.server.auth.db import utils as auth_utils
+
+                auth_utils.migrate(engine, "head")
+            else:
+                utils._upgrade_db(engine)
+            after = inspect(kind, uri)
     finally:
         engine.dispose()
     if after["state"] != "current":
@@ -90,7 +124,7 @@ def upgrade(uri, log_path):
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with open(log_path, "a") as log:
         log.write(
-            f"{stamp} migrated {after['uri']} from {before['revision']} to {after['revision']}"
+            f"{stamp} migrated {kind} store {after['uri']} from {before['revision']} to {after['revision']}"
             f" with mlflow {mlflow.__version__}\n"
         )
     return {**after, "previous": before["revision"], "migrated": True}
@@ -101,10 +135,10 @@ def main(argv):
         print(__doc__, file=sys.stderr)
         return 2
     if argv[1] == "status":
-        result = [inspect(uri) for uri in store_uris()]
+        result = [inspect(kind, uri) for kind, uri in stores()]
     else:
         log_path = os.environ.get("MLFLOW_DB_MIGRATION_LOG", "db-migrations.log")
-        result = [upgrade(uri, log_path) for uri in store_uris()]
+        result = [upgrade(kind, uri, log_path) for kind, uri in stores()]
     print(json.dumps({"mlflow": mlflow.__version__, "stores": result}))
     return 0
 

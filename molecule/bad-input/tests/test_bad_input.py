@@ -1,0 +1,113 @@
+"""Each invalid configuration stops in preflight with a message that names the variable and
+the fix, and leaves the host as it was: no user, no files, no service.
+
+Every case runs the real `ansible-playbook site.yml` against the instance, as a user would.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import pytest
+from mlflow_testlib import other_host
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+DOUBLE = ROOT / "files" / "test-doubles" / "Miniconda3-offline-test-double.sh"
+testinfra_hosts = ["ansible://mlflow-bad"]
+
+# (id, extra vars, texts the failure message must contain)
+CASES = [
+    ("port-out-of-range", {"mlflow_port": 70000}, ["mlflow_port", "between 1 and 65535"]),
+    ("port-not-a-number", {"mlflow_port": "http"}, ["mlflow_port", "int"]),
+    ("no-workers", {"mlflow_workers": 0}, ["mlflow_workers", "at least 1"]),
+    ("unknown-backend-scheme", {"mlflow_backend_store_uri": "mongodb://db.example.com/mlflow"},
+     ["mlflow_backend_store_uri", "postgresql"]),
+    ("unknown-db-type", {"mlflow_db_type": "oracle"}, ["mlflow_db_type", "sqlite, postgresql"]),
+    ("postgresql-without-password", {"mlflow_db_type": "postgresql", "mlflow_db_host": "db.example.com"},
+     ["mlflow_db_password", "EMPTY", "vault"]),
+    ("postgresql-without-host", {"mlflow_db_type": "postgresql", "mlflow_db_password": "a-long-password-1"},
+     ["mlflow_db_host", "got ''"]),
+    ("verify-full-without-ca", {"mlflow_db_type": "postgresql", "mlflow_db_host": "db", "mlflow_db_password": "x" * 16,
+                                "mlflow_db_sslmode": "verify-full"}, ["mlflow_db_sslrootcert_src"]),
+    ("s3-without-credentials", {"mlflow_s3_bucket": "mlflow-artifacts"},
+     ["mlflow_s3_access_key_id", "mlflow_s3_secret_access_key"]),
+    ("s3-invalid-bucket", {"mlflow_s3_bucket": "Bad_Bucket", "mlflow_s3_access_key_id": "a",
+                           "mlflow_s3_secret_access_key": "b"}, ["mlflow_s3_bucket", "Bad_Bucket"]),
+    ("direct-artifacts-nowhere", {"mlflow_serve_artifacts": False}, ["mlflow_serve_artifacts", "mlflow_s3_bucket"]),
+    ("auth-short-password", {"mlflow_auth_enabled": True, "mlflow_auth_admin_password": "short",
+                             "mlflow_auth_secret_key": "k" * 40}, ["mlflow_auth_admin_password", "12 or more"]),
+    ("auth-old-default-password", {"mlflow_auth_enabled": True, "mlflow_auth_admin_password": "password1234",
+                                   "mlflow_auth_secret_key": "k" * 40}, ["mlflow_auth_admin_password", "old default"]),
+    ("auth-without-secret-key", {"mlflow_auth_enabled": True, "mlflow_auth_admin_password": "a-good-password-99"},
+     ["mlflow_auth_secret_key", "32 or more"]),
+    ("auth-bad-default-permission", {"mlflow_auth_default_permission": "ALL"}, ["mlflow_auth_default_permission"]),
+    ("tls-missing-key", {"mlflow_tls_enabled": True, "mlflow_tls_cert_src": "/etc/hostname",
+                         "mlflow_tls_key_src": "/nonexistent/server.key"}, ["mlflow_tls_key_src", "/nonexistent/server.key"]),
+    ("wrong-installer-checksum", {"mlflow_miniconda_installer_local_path": str(DOUBLE),
+                                  "mlflow_miniconda_installer_sha256": "0" * 64},
+     ["mlflow_miniconda_installer_sha256", "expected " + "0" * 64]),
+    ("malformed-checksum", {"mlflow_miniconda_installer_sha256": "not-a-checksum"},
+     ["mlflow_miniconda_installer_sha256", "64 lowercase hex"]),
+    ("anaconda-channels-without-tos", {"mlflow_conda_channels": ["defaults"]},
+     ["mlflow_conda_accept_anaconda_tos", "Terms of Service"]),
+    ("no-channels", {"mlflow_conda_channels": []}, ["mlflow_conda_channels", "conda-forge"]),
+    ("bad-python-version", {"mlflow_python_version": "python3"}, ["mlflow_python_version", "3.11"]),
+    ("root-user", {"mlflow_user": "root"}, ["mlflow_user", "never runs as root"]),
+    ("relative-data-dir", {"mlflow_data_dir": "var/lib/mlflow"}, ["mlflow_data_dir", "absolute path"]),
+    ("data-dir-is-a-system-dir", {"mlflow_data_dir": "/var/lib"}, ["mlflow_data_dir", "absolute path of its own"]),
+    ("frame-options", {"mlflow_x_frame_options": "ALLOWALL"}, ["mlflow_x_frame_options", "SAMEORIGIN"]),
+    ("cors-with-path", {"mlflow_cors_allowed_origins": ["https://app.example.com/path"]},
+     ["mlflow_cors_allowed_origins", "without a"]),
+    ("disable-security-middleware", {"mlflow_env_extra": {"MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE": "true"}},
+     ["MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE", "mlflow_allowed_hosts"]),
+]
+
+
+def run_site(limit, extra_vars):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(extra_vars, f)
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_ROLES_PATH": str(ROOT / "roles")}
+    try:
+        return subprocess.run(
+            ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], "site.yml",
+             "--limit", limit, "-e", f"@{f.name}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        os.unlink(f.name)
+
+
+def assert_untouched(h):
+    assert h.run("getent passwd mlflow").rc == 2, "the service user was created"
+    assert h.run("getent group mlflow").rc == 2, "the service group was created"
+    for path in ("/etc/mlflow", "/var/lib/mlflow", "/opt/miniconda3", "/etc/systemd/system/mlflow.service",
+                 "/usr/local/libexec/mlflow"):
+        assert not h.file(path).exists, f"{path} was created"
+    assert h.run("ls /root/Miniconda3-*.sh").rc != 0, "an installer was copied"
+    assert h.run("systemctl cat mlflow.service").rc != 0, "a unit was installed"
+
+
+@pytest.mark.parametrize("case_id,extra_vars,expected", CASES, ids=[c[0] for c in CASES])
+def test_invalid_configuration_stops_in_preflight(host, case_id, extra_vars, expected):
+    result = run_site("mlflow-bad", extra_vars)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"{case_id} was accepted:\n{output[-3000:]}"
+    assert "failed=1" in output, output[-3000:]
+    # The failing task is the argument spec validation or an assertion of preflight.
+    first_failure = min(i for i in (output.find("fatal: ["), output.find("failed: [")) if i >= 0)
+    failed_task = output[:first_failure].rsplit("TASK [", 1)[1].split("]")[0]
+    assert failed_task.startswith(("mlflow : Validating arguments", "mlflow : Assert")), failed_task
+    for text in expected:
+        assert text in output, f"{case_id}: '{text}' not in the message:\n{output[-3000:]}"
+    assert_untouched(host)
+
+
+def test_unsupported_operating_system_stops_in_preflight():
+    h = other_host("mlflow-unsupported")
+    result = run_site("mlflow-unsupported", {})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "is not supported" in output and "Supported: Ubuntu 22.04, Ubuntu 24.04 and Debian 12" in output
+    assert_untouched(h)

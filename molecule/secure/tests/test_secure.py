@@ -1,0 +1,155 @@
+"""Authentication, TLS, exposure controls and hardening, checked with real clients."""
+
+import json
+import os
+import pathlib
+import re
+import uuid
+
+import pytest
+from mlflow_testlib import client_script, journal, require_running, run_python
+
+ADMIN_PASSWORD = "Molecule-Only-Admin-Pw-91e2c7"
+SECRET_KEY = "Molecule-Only-Flask-Key-fedcba9876543210"
+URL = "https://mlflow-secure:5000"
+CA = "/root/molecule-ca.crt"
+ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
+         "MLFLOW_TRACKING_SERVER_CERT_PATH": CA}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ca_on_host(host):
+    """The test CA, so that clients on the host verify the server's certificate."""
+    ca = pathlib.Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "tls", "ca.crt").read_text()
+    host.run(f"cat > {CA} <<'EOF'\n{ca}EOF")
+    require_running(host)
+
+
+def http(host, method, path, user=None, password=None, body=None, headers=None, verify=CA):
+    """One request with the env's `requests`; returns (status, text)."""
+    script = f"""
+import json, requests, sys
+auth = ({user!r}, {password!r}) if {user!r} else None
+r = requests.request({method!r}, {URL!r} + {path!r}, auth=auth, json={body!r}, headers={headers or {}!r},
+                     verify={verify!r}, timeout=30)
+print(json.dumps([r.status_code, r.text]))
+"""
+    out = run_python(host, script)
+    assert out.rc == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_https_health_verifies_against_the_ca(host):
+    out = host.run(f"curl -sS --cacert {CA} {URL}/health")
+    assert out.rc == 0, out.stderr + journal(host)
+    assert out.stdout.strip() == "OK"
+
+
+def test_plain_http_is_refused(host):
+    out = host.run("curl -sS --max-time 10 http://127.0.0.1:5000/health")
+    assert out.stdout.strip() != "OK"
+    assert out.rc != 0
+
+
+def test_an_untrusted_client_rejects_the_certificate(host):
+    out = host.run(f"curl -sS --max-time 10 {URL}/health")
+    assert out.rc == 60, out.stderr  # curl: peer certificate cannot be authenticated
+
+
+def test_anonymous_requests_get_401(host):
+    status, _ = http(host, "GET", "/api/2.0/mlflow/experiments/search?max_results=1")
+    assert status == 401
+
+
+def test_wrong_password_gets_401(host):
+    status, _ = http(host, "GET", "/api/2.0/mlflow/experiments/search?max_results=1",
+                     "admin", "not-the-password")
+    assert status == 401
+
+
+def test_unlisted_host_header_gets_403(host):
+    status, _ = http(host, "GET", "/api/2.0/mlflow/experiments/search?max_results=1",
+                     "admin", ADMIN_PASSWORD, headers={"Host": "attacker.example"})
+    assert status == 403
+
+
+def test_admin_round_trip_over_https(host):
+    suffix = uuid.uuid4().hex[:8]
+    out = run_python(host, client_script(), URL, suffix, env=ADMIN)
+    assert out.rc == 0, out.stdout + out.stderr + journal(host)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["params"] == {"alpha": "0.5"}
+    assert result["artifact_content"] == result["expected_artifact_content"]
+    assert result["model_status"] == "READY"
+
+
+def test_a_read_only_user_reads_but_cannot_write(host):
+    name = f"exp-{uuid.uuid4().hex[:8]}"
+    status, text = http(host, "POST", "/api/2.0/mlflow/experiments/create", "admin", ADMIN_PASSWORD,
+                        {"name": name})
+    assert status == 200, text
+    experiment_id = json.loads(text)["experiment_id"]
+
+    reader, reader_password = f"reader-{uuid.uuid4().hex[:6]}", "Reader-Password-4711"
+    status, text = http(host, "POST", "/api/2.0/mlflow/users/create", "admin", ADMIN_PASSWORD,
+                        {"username": reader, "password": reader_password})
+    assert status == 200, text
+
+    status, text = http(host, "GET", f"/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}",
+                        reader, reader_password)
+    assert status == 200, text
+    assert json.loads(text)["experiment"]["name"] == name
+
+    status, text = http(host, "POST", "/api/2.0/mlflow/runs/create", reader, reader_password,
+                        {"experiment_id": experiment_id})
+    assert status == 403, text
+    status, text = http(host, "POST", "/api/2.0/mlflow/experiments/update", reader, reader_password,
+                        {"experiment_id": experiment_id, "new_name": name + "-renamed"})
+    assert status == 403, text
+
+
+def test_auth_and_tls_files_are_readable_by_the_service_group_only(host):
+    for path in ("/etc/mlflow/basic_auth.ini", "/etc/mlflow/mlflow.env", "/etc/mlflow/tls/server.key"):
+        f = host.file(path)
+        assert (f.user, f.group, f.mode) == ("root", "mlflow", 0o640), path
+    assert host.file("/etc/mlflow/tls").mode == 0o750
+    ini = host.file("/etc/mlflow/basic_auth.ini").content_string
+    assert "default_permission = READ" in ini
+    assert "database_uri = sqlite:////var/lib/mlflow/basic_auth.db" in ini
+    assert ADMIN_PASSWORD not in ini
+
+
+def test_no_secret_is_world_readable(host):
+    readable = host.run("find /etc/mlflow /var/lib/mlflow -type f -perm -o+r").stdout.split()
+    assert set(readable) <= {"/etc/mlflow/ca-bundle.pem"}, readable
+    assert host.run("find /etc/mlflow /var/lib/mlflow /opt/miniconda3 -xdev -perm -o+w ! -type l").stdout == ""
+
+
+def test_secrets_are_in_the_environment_file_only(host):
+    env = host.run("cat /etc/mlflow/mlflow.env").stdout
+    assert f'MLFLOW_AUTH_ADMIN_PASSWORD="{ADMIN_PASSWORD}"' in env
+    assert f'MLFLOW_FLASK_SERVER_SECRET_KEY="{SECRET_KEY}"' in env
+    unit = host.file("/etc/systemd/system/mlflow.service").content_string
+    assert "--app-name basic-auth" in unit
+    assert ADMIN_PASSWORD not in unit and SECRET_KEY not in unit
+    journal_text = host.run("journalctl --no-pager -o cat").stdout
+    assert ADMIN_PASSWORD not in journal_text and SECRET_KEY not in journal_text
+
+
+def test_systemd_sandbox_exposure_is_at_most_1_5(host):
+    out = host.run("systemd-analyze security mlflow.service --no-pager")
+    match = re.search(r"Overall exposure level for mlflow.service: ([0-9.]+)", out.stdout)
+    assert match, out.stdout + out.stderr
+    exposure = float(match.group(1))
+    print(f"systemd-analyze security mlflow.service: exposure {exposure}")
+    assert exposure <= 1.5, out.stdout
+
+
+def test_user_namespacing_is_switched_by_facts(host):
+    unit = host.file("/etc/systemd/system/mlflow.service").content_string
+    # This host is a container: PrivateUsers= cannot work here and must be absent.
+    assert host.run("systemd-detect-virt --container").rc == 0
+    assert "PrivateUsers=" not in unit
+    for option in ("ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=",
+                   "SystemCallFilter=@system-service", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+        assert option in unit
