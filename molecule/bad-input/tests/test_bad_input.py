@@ -111,3 +111,17 @@ def test_unsupported_operating_system_stops_in_preflight():
     assert result.returncode != 0, output[-3000:]
     assert "is not supported" in output and "Supported: Ubuntu 22.04, Ubuntu 24.04 and Debian 12" in output
     assert_untouched(h)
+
+
+def test_a_foreign_miniconda_prefix_is_neither_used_nor_removed(host):
+    host.run("mkdir -p /opt/miniconda3/envs/team && echo keep > /opt/miniconda3/envs/team/data.txt")
+    try:
+        result = run_site("mlflow-bad", {})
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output[-3000:]
+        assert "/opt/miniconda3 exists but was not installed by this role" in output
+        assert "mlflow_conda_prefix" in output
+        assert host.file("/opt/miniconda3/envs/team/data.txt").content_string == "keep\n"
+    finally:
+        host.run("rm -rf /opt/miniconda3")
+    assert_untouched(host)

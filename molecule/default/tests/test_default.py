@@ -30,6 +30,9 @@ def test_service_user_is_a_nologin_system_user(host):
         (UNIT, "root", "root", 0o644),
         ("/opt/miniconda3", "root", "root", 0o755),
         ("/opt/miniconda3/.mlflow-installer.sha256", "root", "root", 0o644),
+        ("/opt/miniconda3/envs/mlflow", "root", "root", 0o755),
+        ("/usr/local/libexec/mlflow", "root", "root", 0o755),
+        ("/usr/local/libexec/mlflow/mlflow_db.py", "root", "root", 0o755),
     ],
 )
 def test_files_written_by_the_role(host, path, user, group, mode):
@@ -42,7 +45,7 @@ def test_files_written_by_the_role(host, path, user, group, mode):
 
 def test_nothing_the_role_wrote_is_world_writable(host):
     found = host.run(
-        "find /etc/mlflow /etc/systemd/system/mlflow.service /var/lib/mlflow /opt/miniconda3 "
+        "find /etc/mlflow /etc/systemd/system/mlflow.service /var/lib/mlflow /opt/miniconda3 /usr/local/libexec/mlflow "
         "-xdev -perm -o+w ! -type l -print"
     )
     assert found.rc == 0
