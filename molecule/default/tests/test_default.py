@@ -1,14 +1,21 @@
 """The embedded default: SQLite and local artifacts under /var/lib/mlflow, port 5000."""
 
 import json
+import re
 import uuid
 
 import pytest
-from mlflow_testlib import ENV_PYTHON, client_script, journal, run_python, running_service  # noqa: F401
+from mlflow_testlib import ROOT, client_script, env_prefix, env_python, journal, run_python, var
 
-DATA_DIR = "/var/lib/mlflow"
-ENV_FILE = "/etc/mlflow/mlflow.env"
+NAME = "mlflow-molecule"
+DATA_DIR = var(NAME, "mlflow_data_dir")
+CONFIG_DIR = var(NAME, "mlflow_config_dir")
+PREFIX = var(NAME, "mlflow_conda_prefix")
+ENV = env_prefix(NAME)
+ENV_PYTHON = env_python(NAME)
+ENV_FILE = f"{CONFIG_DIR}/mlflow.env"
 UNIT = "/etc/systemd/system/mlflow.service"
+PORT = var(NAME, "mlflow_port")
 
 
 def test_service_user_is_a_nologin_system_user(host):
@@ -25,12 +32,11 @@ def test_service_user_is_a_nologin_system_user(host):
     [
         (DATA_DIR, "mlflow", "mlflow", 0o750),
         (f"{DATA_DIR}/artifacts", "mlflow", "mlflow", 0o750),
-        ("/etc/mlflow", "root", "mlflow", 0o750),
+        (CONFIG_DIR, "root", "mlflow", 0o750),
         (ENV_FILE, "root", "mlflow", 0o640),
         (UNIT, "root", "root", 0o644),
-        ("/opt/miniconda3", "root", "root", 0o755),
-        ("/opt/miniconda3/.mlflow-installer.sha256", "root", "root", 0o644),
-        ("/opt/miniconda3/envs/mlflow", "root", "root", 0o755),
+        (PREFIX, "root", "root", 0o755),
+        (f"{PREFIX}/.mlflow-installer.sha256", "root", "root", 0o644),
         ("/usr/local/libexec/mlflow", "root", "root", 0o755),
         ("/usr/local/libexec/mlflow/mlflow_db.py", "root", "root", 0o755),
     ],
@@ -43,34 +49,61 @@ def test_files_written_by_the_role(host, path, user, group, mode):
     assert f.mode == mode, f"{path}: {oct(f.mode)}"
 
 
+def lock_lines(host):
+    """name -> version of every package of the lock the role installs by default on this host."""
+    version, python = var(NAME, "mlflow_version"), var(NAME, "mlflow_python_version")
+    lock = ROOT / "roles" / "mlflow" / "files" / "locks" / f"mlflow-{version}-py{python}-{host.system_info.arch}.txt"
+    return dict(re.findall(r"^([a-z0-9._-]+)==(\S+) --hash=sha256:", lock.read_text(), re.M))
+
+
+def test_the_env_is_a_versioned_directory_that_the_service_link_points_to(host):
+    link = host.file(ENV)
+    assert link.is_symlink, f"{ENV} is not a link"
+    target = host.file(link.linked_to)
+    assert re.fullmatch(rf"{ENV}-{re.escape(var(NAME, 'mlflow_version'))}-[0-9a-f]{{12}}", link.linked_to)
+    assert (target.user, target.group, target.mode) == ("root", "root", 0o755)
+    marker = json.loads(host.file(f"{link.linked_to}/.mlflow-env.json").content_string)
+    assert f"mlflow[auth]=={var(NAME, 'mlflow_version')}" in marker["requires"]
+
+
 def test_nothing_the_role_wrote_is_world_writable(host):
     found = host.run(
-        "find /etc/mlflow /etc/systemd/system/mlflow.service /var/lib/mlflow /opt/miniconda3 /usr/local/libexec/mlflow "
-        "-xdev -perm -o+w ! -type l -print"
+        f"find {CONFIG_DIR} {UNIT} {DATA_DIR} {PREFIX} /usr/local/libexec/mlflow -xdev -perm -o+w ! -type l -print"
     )
     assert found.rc == 0
     assert found.stdout.strip() == ""
 
 
 def test_service_user_cannot_write_its_code_or_configuration(host):
-    for path in ("/opt/miniconda3/envs/mlflow/bin", "/opt/miniconda3/envs/mlflow/lib", "/etc/mlflow", ENV_FILE):
+    for path in (f"{ENV}/bin", f"{ENV}/lib", CONFIG_DIR, ENV_FILE):
         probe = host.run(f"setpriv --reuid=mlflow --regid=mlflow --clear-groups test -w {path}")
         assert probe.rc != 0, f"mlflow can write {path}"
 
 
-def test_no_installer_left_on_the_host(host):
+def test_no_installer_or_wheelhouse_left_on_the_host(host):
     assert host.run("ls /root/Miniconda3-*.sh").rc != 0
+    assert host.run(f"ls -d {PREFIX}/.install-*").rc != 0
 
 
-def test_conda_env_has_the_pinned_packages(host):
-    out = host.run(f"{ENV_PYTHON} -m pip freeze")
+def test_conda_env_holds_exactly_the_locked_packages(host):
+    out = host.run(f"{ENV_PYTHON} -m pip list --format=json")
     assert out.rc == 0, out.stderr
-    frozen = {line.split("==")[0].lower(): line.split("==")[1] for line in out.stdout.splitlines() if "==" in line}
-    assert frozen["mlflow"] == "3.17.2"
-    assert frozen["psycopg2-binary"] == "2.9.13"
-    assert frozen["boto3"] == "1.44.8"
+    installed = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(out.stdout)}
+    locked = lock_lines(host)
+    assert len(locked) > 50, "the lock lists the whole dependency tree"
+    wrong = {name: (version, installed.get(name)) for name, version in locked.items() if installed.get(name) != version}
+    assert wrong == {}, "locked (version, installed)"
+    # Besides the lock: only what conda put there to run pip.
+    assert set(installed) - set(locked) <= {"pip", "setuptools", "wheel"}, set(installed) - set(locked)
     version = host.run(f"{ENV_PYTHON} -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'")
-    assert version.stdout.strip() == "3.11"
+    assert version.stdout.strip() == var(NAME, "mlflow_python_version")
+
+
+def test_bytecode_was_compiled_at_install_time(host):
+    """ProtectSystem=strict keeps the service from writing __pycache__: it must be there already."""
+    out = host.run(f"{ENV_PYTHON} -c 'import mlflow.server, sys; print(mlflow.server.__cached__)'")
+    assert out.rc == 0, out.stderr
+    assert host.file(out.stdout.strip()).exists, out.stdout
 
 
 def test_environment_file_configures_the_server(host):
@@ -78,8 +111,8 @@ def test_environment_file_configures_the_server(host):
     assert f'MLFLOW_BACKEND_STORE_URI="sqlite:///{DATA_DIR}/mlflow.db"' in content
     assert f'MLFLOW_ARTIFACTS_DESTINATION="{DATA_DIR}/artifacts"' in content
     assert 'MLFLOW_SERVE_ARTIFACTS="true"' in content
-    assert 'MLFLOW_HOST="0.0.0.0"' in content
-    assert 'MLFLOW_PORT="5000"' in content
+    assert f'MLFLOW_HOST="{var(NAME, "mlflow_host")}"' in content
+    assert f'MLFLOW_PORT="{PORT}"' in content
     assert "MLFLOW_SERVER_ALLOWED_HOSTS=" in content
 
 
@@ -90,8 +123,8 @@ def test_unit_runs_the_env_mlflow_as_the_service_user(host):
     ).stdout
     assert "User=mlflow" in show
     assert "Group=mlflow" in show
-    assert "/opt/miniconda3/envs/mlflow/bin/mlflow" in show
-    assert "EnvironmentFiles=/etc/mlflow/mlflow.env" in show
+    assert f"{ENV}/bin/mlflow" in show
+    assert f"EnvironmentFiles={ENV_FILE}" in show
     assert f"WorkingDirectory={DATA_DIR}" in show
     assert "Restart=on-failure" in show
     assert "NoNewPrivileges=yes" in show
@@ -115,37 +148,50 @@ def test_server_processes_run_as_the_service_user(host, running_service):
     assert set(users) == {"mlflow"}, users
 
 
-def test_port_5000_is_listening_on_all_interfaces(host, running_service):
-    assert host.socket("tcp://0.0.0.0:5000").is_listening, journal(host)
+def test_the_port_is_listening_on_all_interfaces(host, running_service):
+    assert host.socket(f"tcp://0.0.0.0:{PORT}").is_listening, journal(host)
 
 
 def test_health_answers_ok(host, running_service):
-    out = host.run("curl -sS --max-time 10 http://127.0.0.1:5000/health")
+    out = host.run(f"curl -sS --max-time 10 http://127.0.0.1:{PORT}/health")
     assert out.stdout.strip() == "OK", out.stdout + out.stderr + journal(host)
 
 
 def test_ui_page_loads(host, running_service):
-    out = host.run("curl -sS --max-time 10 -H 'Host: localhost:5000' http://127.0.0.1:5000/")
+    out = host.run(f"curl -sS --max-time 10 -H 'Host: localhost:{PORT}' http://127.0.0.1:{PORT}/")
     assert out.rc == 0
     assert "<title>MLflow</title>" in out.stdout or "MLflow" in out.stdout
 
 
 def test_unlisted_host_header_is_refused(host, running_service):
     code = host.run("curl -s -o /dev/null -w '%{http_code}' -H 'Host: evil.example' "
-                    "http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1")
+                    f"http://127.0.0.1:{PORT}/api/2.0/mlflow/experiments/search?max_results=1")
     assert code.stdout == "403"
+
+
+def test_ipv6_addresses_are_allowed_host_headers(host, running_service):
+    """Each IPv6 address of the host is accepted as [address] and [address]:port."""
+    addresses = host.ansible("ansible.builtin.setup", "filter=ansible_all_ipv6_addresses")["ansible_facts"][
+        "ansible_all_ipv6_addresses"]
+    assert addresses, "the test container has no IPv6 address (sysctls in molecule.yml)"
+    allowed = next(line for line in host.file(ENV_FILE).content_string.splitlines()
+                   if line.startswith("MLFLOW_SERVER_ALLOWED_HOSTS="))
+    patterns = allowed.split("=", 1)[1].strip('"').split(",")
+    for address in addresses:
+        assert f"[{address}]" in patterns, (address, patterns)
+    assert not any("\\" in p for p in patterns), patterns
 
 
 def test_own_hostname_is_an_allowed_host(host, running_service):
     name = host.run("hostname").stdout.strip()
-    code = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' -H 'Host: {name}:5000' "
-                    "http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1")
+    code = host.run(f"curl -s -o /dev/null -w '%{{http_code}}' -H 'Host: {name}:{PORT}' "
+                    f"http://127.0.0.1:{PORT}/api/2.0/mlflow/experiments/search?max_results=1")
     assert code.stdout == "200"
 
 
 def test_client_round_trip(host, running_service):
     suffix = uuid.uuid4().hex[:8]
-    out = run_python(host, client_script(), "http://127.0.0.1:5000", suffix)
+    out = run_python(host, client_script(), f"http://127.0.0.1:{PORT}", suffix)
     assert out.rc == 0, out.stdout + out.stderr + journal(host)
     result = json.loads(out.stdout.strip().splitlines()[-1])
 

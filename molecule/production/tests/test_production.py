@@ -10,19 +10,23 @@ import re
 import uuid
 
 import pytest
-from mlflow_testlib import client_script, journal, other_host, require_running, run_python
+from mlflow_testlib import client_script, env_python, journal, other_host, require_running, run_python, var
 
 testinfra_hosts = ["ansible://mlflow-app"]
 
-DB_PASSWORD = "Molecule-Only-Pg-Secret-7f3a91"
-S3_SECRET = "Molecule-Only-S3-Secret-c2d4e8"
-ADMIN_PASSWORD = "Molecule-Only-Admin-Pw-5b6a0d"
-SECRET_KEY = "Molecule-Only-Flask-Key-0123456789abcdef"
+APP = "mlflow-app"
+DB_PASSWORD = var(APP, "mlflow_db_password")
+S3_SECRET = var(APP, "mlflow_s3_secret_access_key")
+ADMIN_PASSWORD = var(APP, "mlflow_auth_admin_password")
+SECRET_KEY = var(APP, "mlflow_auth_secret_key")
 SECRETS = [DB_PASSWORD, S3_SECRET, ADMIN_PASSWORD, SECRET_KEY]
-ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
-BUCKET = "mlflow-artifacts"
-OLD_VERSION = "3.16.1"
-NEW_VERSION = "3.17.2"
+ADMIN = {"MLFLOW_TRACKING_USERNAME": var(APP, "mlflow_auth_admin_username"), "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
+BUCKET = var(APP, "mlflow_s3_bucket")
+S3_KEY_ID = var(APP, "mlflow_s3_access_key_id")
+OLD_VERSION = var(APP, "test_previous_mlflow_version")
+NEW_VERSION = var(APP, "mlflow_version")
+DB_HOST = var(APP, "mlflow_db_host")
+LOCAL = f"http://127.0.0.1:{var(APP, 'mlflow_port')}"
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +65,31 @@ def s3_object(s3, key):
 
 def round_trip(host, env=None):
     suffix = uuid.uuid4().hex[:8]
-    out = run_python(host, client_script(), "http://127.0.0.1:5000", suffix, env={**ADMIN, **(env or {})})
+    out = run_python(host, client_script(), LOCAL, suffix, env={**ADMIN, **(env or {})})
     assert out.rc == 0, out.stdout + out.stderr + journal(host)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def test_secrets_are_literal_and_distinct():
+    """The leak checks below are only as good as their inputs."""
+    assert len(set(SECRETS)) == len(SECRETS) and all(len(s) >= 12 for s in SECRETS)
+
+
 def test_both_servers_run_the_new_mlflow(host, direct):
+    assert NEW_VERSION != OLD_VERSION
     for h in (host, direct):
         require_running(h)
-        assert h.run("curl -sS http://127.0.0.1:5000/health").stdout.strip() == "OK", journal(h)
-        version = h.run("/opt/miniconda3/envs/mlflow/bin/python -m pip show mlflow").stdout
+        assert h.run(f"curl -sS {LOCAL}/health").stdout.strip() == "OK", journal(h)
+        version = h.run(f"{env_python(APP)} -m pip show mlflow").stdout
         assert f"Version: {NEW_VERSION}" in version
+
+
+def test_the_env_of_the_previous_release_is_kept_for_a_rollback(host):
+    prefix = f"{var(APP, 'mlflow_conda_prefix')}/envs/{var(APP, 'mlflow_conda_env_name')}"
+    kept = host.file(f"{prefix}.previous")
+    assert kept.is_symlink and kept.linked_to.startswith(f"{prefix}-{OLD_VERSION}-"), kept.linked_to
+    assert host.file(f"{kept.linked_to}/bin/mlflow").exists
+    assert host.file(prefix).linked_to.startswith(f"{prefix}-{NEW_VERSION}-")
 
 
 def test_backend_uri_has_no_password_and_the_password_is_in_pgpassword(host):
@@ -79,18 +97,17 @@ def test_backend_uri_has_no_password_and_the_password_is_in_pgpassword(host):
     assert env.mode == 0o640 and env.group == "mlflow"
     content = host.run("cat /etc/mlflow/mlflow.env").stdout
     uri = [line for line in content.splitlines() if line.startswith("MLFLOW_BACKEND_STORE_URI=")][0]
-    assert uri == 'MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://mlflow@mlflow-db:5432/mlflow?sslmode=prefer"'
+    assert uri == f'MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://mlflow@{DB_HOST}:5432/mlflow?sslmode=prefer"'
     assert f'PGPASSWORD="{DB_PASSWORD}"' in content
-    assert 'MLFLOW_SQLALCHEMYSTORE_POOL_SIZE="5"' in content
-    assert 'MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW="10"' in content
-    assert 'MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE="1800"' in content
+    for key in ("pool_size", "max_overflow", "pool_recycle"):
+        assert f'MLFLOW_SQLALCHEMYSTORE_{key.upper()}="{var(APP, "mlflow_db_" + key)}"' in content
 
 
 def test_artifact_modes_are_configured(host, direct):
     proxied = host.run("cat /etc/mlflow/mlflow.env").stdout
     assert 'MLFLOW_SERVE_ARTIFACTS="true"' in proxied
     assert f'MLFLOW_ARTIFACTS_DESTINATION="s3://{BUCKET}/proxied"' in proxied
-    assert 'MLFLOW_S3_ENDPOINT_URL="http://mlflow-s3:9000"' in proxied
+    assert f'MLFLOW_S3_ENDPOINT_URL="{var(APP, "mlflow_s3_endpoint_url")}"' in proxied
     direct_env = direct.run("cat /etc/mlflow/mlflow.env").stdout
     assert 'MLFLOW_SERVE_ARTIFACTS="false"' in direct_env
     assert f'MLFLOW_DEFAULT_ARTIFACT_ROOT="s3://{BUCKET}/direct"' in direct_env
@@ -119,8 +136,8 @@ def test_proxied_round_trip_lands_in_postgresql_and_the_bucket(host, db, s3):
 
 def test_direct_round_trip_writes_to_the_bucket_from_the_client(direct, db, s3):
     client_env = {
-        "MLFLOW_S3_ENDPOINT_URL": "http://mlflow-s3:9000",
-        "AWS_ACCESS_KEY_ID": "molecule-access-key",
+        "MLFLOW_S3_ENDPOINT_URL": var(APP, "mlflow_s3_endpoint_url"),
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": "client-side-key",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
@@ -143,12 +160,12 @@ def test_the_schema_was_migrated_once_for_the_shared_database(host, direct, db):
     lines = [line for line in everything if " tracking store " in line]
     assert len(lines) == 1, everything
     assert f"with mlflow {NEW_VERSION}" in lines[0]
-    assert "mlflow@mlflow-db:5432/mlflow" in lines[0]
+    assert f"mlflow@{DB_HOST}:5432/mlflow" in lines[0]
     assert DB_PASSWORD not in lines[0]
     status = host.run(
         "systemd-run --quiet --pipe --wait --collect --uid=mlflow --gid=mlflow"
         " --property=EnvironmentFile=/etc/mlflow/mlflow.env --working-directory=/var/lib/mlflow"
-        " /opt/miniconda3/envs/mlflow/bin/python /usr/local/libexec/mlflow/mlflow_db.py status"
+        f" {env_python(APP)} /usr/local/libexec/mlflow/mlflow_db.py status"
     )
     assert status.rc == 0, status.stderr
     store = json.loads(status.stdout)["stores"][0]
@@ -179,7 +196,7 @@ def test_data_logged_before_the_upgrade_reads_back(host, s3):
     reader = f"""
 import json, sys, tempfile
 from mlflow.tracking import MlflowClient
-c = MlflowClient("http://127.0.0.1:5000")
+c = MlflowClient("{LOCAL}")
 run = c.get_run("{before['run_id']}")
 with tempfile.TemporaryDirectory() as tmp:
     content = open(c.download_artifacts(run.info.run_id, "docs/notes.txt", tmp)).read()
@@ -260,14 +277,16 @@ def test_no_secret_in_the_ansible_output():
 
 
 def test_users_live_in_their_own_postgresql_database(host, db):
-    assert psql_db(db, "mlflow_auth", "select is_admin from users where username = 'admin'") == "t"
-    assert psql_db(db, "mlflow_auth", "select count(*) from alembic_version_auth") == "1"
+    auth_db = var(APP, "mlflow_auth_db_name")
+    admin = ADMIN["MLFLOW_TRACKING_USERNAME"]
+    assert psql_db(db, auth_db, f"select is_admin from users where username = '{admin}'") == "t"
+    assert psql_db(db, auth_db, "select count(*) from alembic_version_auth") == "1"
     ini = host.file("/etc/mlflow/basic_auth.ini")
     assert ini.mode == 0o640 and ini.user == "root" and ini.group == "mlflow"
-    assert "database_uri = postgresql+psycopg2://mlflow@mlflow-db:5432/mlflow_auth" in ini.content_string
+    assert f"database_uri = postgresql+psycopg2://mlflow@{DB_HOST}:5432/{var(APP, 'mlflow_auth_db_name')}" in ini.content_string
 
 
 def test_anonymous_requests_are_refused(host):
     code = host.run("curl -s -o /dev/null -w '%{http_code}' "
-                    "'http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1'")
+                    f"'{LOCAL}/api/2.0/mlflow/experiments/search?max_results=1'")
     assert code.stdout == "401"

@@ -7,13 +7,16 @@ import re
 import uuid
 
 import pytest
-from mlflow_testlib import client_script, journal, require_running, run_python
+from mlflow_testlib import client_script, journal, require_running, run_python, var
 
-ADMIN_PASSWORD = "Molecule-Only-Admin-Pw-91e2c7"
-SECRET_KEY = "Molecule-Only-Flask-Key-fedcba9876543210"
-URL = "https://mlflow-secure:5000"
+NAME = "mlflow-secure"
+ADMIN_USER = var(NAME, "mlflow_auth_admin_username")
+ADMIN_PASSWORD = var(NAME, "mlflow_auth_admin_password")
+SECRET_KEY = var(NAME, "mlflow_auth_secret_key")
+PORT = var(NAME, "mlflow_port")
+URL = f"https://{NAME}:{PORT}"
 CA = "/root/molecule-ca.crt"
-ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
+ADMIN = {"MLFLOW_TRACKING_USERNAME": ADMIN_USER, "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
          "MLFLOW_TRACKING_SERVER_CERT_PATH": CA}
 
 
@@ -46,7 +49,7 @@ def test_https_health_verifies_against_the_ca(host):
 
 
 def test_plain_http_is_refused(host):
-    out = host.run("curl -sS --max-time 10 http://127.0.0.1:5000/health")
+    out = host.run(f"curl -sS --max-time 10 http://127.0.0.1:{PORT}/health")
     assert out.stdout.strip() != "OK"
     assert out.rc != 0
 
@@ -63,13 +66,13 @@ def test_anonymous_requests_get_401(host):
 
 def test_wrong_password_gets_401(host):
     status, _ = http(host, "GET", "/api/2.0/mlflow/experiments/search?max_results=1",
-                     "admin", "not-the-password")
+                     ADMIN_USER, "not-the-password")
     assert status == 401
 
 
 def test_unlisted_host_header_gets_403(host):
     status, _ = http(host, "GET", "/api/2.0/mlflow/experiments/search?max_results=1",
-                     "admin", ADMIN_PASSWORD, headers={"Host": "attacker.example"})
+                     ADMIN_USER, ADMIN_PASSWORD, headers={"Host": "attacker.example"})
     assert status == 403
 
 
@@ -85,13 +88,13 @@ def test_admin_round_trip_over_https(host):
 
 def test_a_read_only_user_reads_but_cannot_write(host):
     name = f"exp-{uuid.uuid4().hex[:8]}"
-    status, text = http(host, "POST", "/api/2.0/mlflow/experiments/create", "admin", ADMIN_PASSWORD,
+    status, text = http(host, "POST", "/api/2.0/mlflow/experiments/create", ADMIN_USER, ADMIN_PASSWORD,
                         {"name": name})
     assert status == 200, text
     experiment_id = json.loads(text)["experiment_id"]
 
     reader, reader_password = f"reader-{uuid.uuid4().hex[:6]}", "Reader-Password-4711"
-    status, text = http(host, "POST", "/api/2.0/mlflow/users/create", "admin", ADMIN_PASSWORD,
+    status, text = http(host, "POST", "/api/2.0/mlflow/users/create", ADMIN_USER, ADMIN_PASSWORD,
                         {"username": reader, "password": reader_password})
     assert status == 200, text
 
@@ -114,7 +117,7 @@ def test_auth_and_tls_files_are_readable_by_the_service_group_only(host):
         assert (f.user, f.group, f.mode) == ("root", "mlflow", 0o640), path
     assert host.file("/etc/mlflow/tls").mode == 0o750
     ini = host.file("/etc/mlflow/basic_auth.ini").content_string
-    assert "default_permission = READ" in ini
+    assert f"default_permission = {var(NAME, 'mlflow_auth_default_permission')}" in ini
     assert "database_uri = sqlite:////var/lib/mlflow/basic_auth.db" in ini
     assert ADMIN_PASSWORD not in ini
 

@@ -1,0 +1,116 @@
+"""Helpers and fixtures shared by the testinfra suites of every scenario.
+
+Loaded as a pytest plugin (PYTEST_ADDOPTS=-p mlflow_testlib, set in .config/molecule/config.yml).
+Tests take their inputs (secrets, versions, counts) from the scenario's inventory and the roles'
+defaults through `hostvars()`, never from copies: if an input changes, the tests follow it.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import pytest
+import testinfra
+import yaml
+from testinfra.utils.ansible_runner import AnsibleRunner
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+SERVICE = "mlflow"
+RESOURCES = pathlib.Path(__file__).parent
+
+
+@functools.cache
+def role_defaults(role):
+    return yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text()) or {}
+
+
+@functools.cache
+def role_vars(role):
+    return yaml.safe_load((ROOT / "roles" / role / "vars" / "main.yml").read_text()) or {}
+
+
+@functools.cache
+def _runner():
+    return AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"])
+
+
+def hostvars(name):
+    """The roles' defaults overlaid with the scenario inventory's variables of host `name`."""
+    merged = {}
+    for role in sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "defaults" / "main.yml").exists()):
+        merged.update(role_defaults(role))
+    merged.update(_runner().get_variables(name))
+    return merged
+
+
+def var(name, key):
+    """One input of a test, which must be a literal value (not a template) in the inventory."""
+    value = hostvars(name)[key]
+    if isinstance(value, str) and "{{" in value:
+        raise AssertionError(f"{key} of {name} is a template ({value}); tests need literal inventory values")
+    return value
+
+
+def env_prefix(name):
+    v = hostvars(name)
+    return f"{v['mlflow_conda_prefix']}/envs/{v['mlflow_conda_env_name']}"
+
+
+def env_python(name):
+    return f"{env_prefix(name)}/bin/python"
+
+
+def journal(host, lines=200):
+    """The service's recent journal, for failure messages."""
+    return host.run(f"journalctl -u {SERVICE} --no-pager -n {lines}").stdout
+
+
+def require_running(host):
+    """Fail with `systemctl status` and the journal when the service is not running."""
+    service = host.service(SERVICE)
+    if not service.is_running:
+        status = host.run(f"systemctl status {SERVICE} --no-pager").stdout
+        pytest.fail(f"{SERVICE} is not running.\n{status}\n--- journalctl -u {SERVICE} ---\n{journal(host)}")
+    return service
+
+
+@pytest.fixture()
+def running_service(host):
+    return require_running(host)
+
+
+def run_python(host, script, *args, env=None):
+    """Run a Python script (text) with the conda env's Python on the host."""
+    quoted = " ".join(f"'{a}'" for a in args)
+    prefix = " ".join(f"{k}='{v}'" for k, v in (env or {}).items())
+    python = env_python(host.backend.get_hostname())
+    return host.run(f"{prefix} {python} - {quoted} <<'PYEOF'\n{script}\nPYEOF")
+
+
+def client_script():
+    return (RESOURCES / "client_roundtrip.py").read_text()
+
+
+def other_host(name):
+    """A testinfra host for another instance of the scenario."""
+    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
+
+
+def run_playbook(playbook, limit, extra_vars, extra_env=None, timeout=900):
+    """Run a playbook of the project (site.yml, ...) against the scenario's inventory, as a user would."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(extra_vars, f)
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+           **(extra_env or {})}
+    try:
+        return subprocess.run(
+            ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], playbook,
+             *(["--limit", limit] if limit else []), "-e", f"@{f.name}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+    finally:
+        os.unlink(f.name)
