@@ -1,5 +1,7 @@
-# make test     lint + every Molecule scenario
-# make sandbox  MLflow in a local systemd container at http://localhost:5000, deployed with site.yml
+# make test                  lint + every Molecule scenario (SCENARIO=name: just that one)
+# make sandbox               MLflow in a local systemd container at http://localhost:5000, deployed with site.yml
+# make lock                  regenerate the role's hash locks for its pinned versions (needs PyPI)
+# make lock MLFLOW_VERSION=x bump mlflow_version to x and lock it, in one step
 #
 # MINICONDA=double   use the offline Miniconda test double (for places that cannot reach Anaconda)
 # BASE_IMAGE=...     base of the test image (default ubuntu:24.04)
@@ -30,7 +32,12 @@ else ifneq ($(MINICONDA),real)
 $(error MINICONDA must be 'real' or 'double', not '$(MINICONDA)')
 endif
 
-.PHONY: venv lint molecule test sandbox sandbox-destroy clean
+SCENARIO ?=
+MLFLOW_VERSION ?=
+# Releases the Molecule scenarios install besides the default (upgrades); their locks are test inputs.
+TEST_MLFLOW_VERSIONS := 3.16.1
+
+.PHONY: venv lint molecule test lock test-locks sandbox sandbox-destroy clean
 
 venv: $(VENV)/.installed
 
@@ -41,13 +48,23 @@ $(VENV)/.installed: requirements.txt
 
 lint: venv
 	yamllint --strict .
-	$(BIN)/python files/tools/check_docs.py
+	$(BIN)/python files/tools/lock.py check
+	$(BIN)/python files/tools/role_docs.py --check
 	ansible-lint
 
 molecule: venv
-	molecule test --all
+	molecule test $(if $(SCENARIO),--scenario-name $(SCENARIO),--all)
 
 test: lint molecule
+
+lock: venv
+	$(BIN)/python files/tools/lock.py $(if $(MLFLOW_VERSION),bump $(MLFLOW_VERSION),generate)
+	$(BIN)/python files/tools/role_docs.py
+
+test-locks: venv
+	for v in $(TEST_MLFLOW_VERSIONS); do \
+	  $(BIN)/python files/tools/lock.py generate --mlflow $$v --python 3.11 --arch x86_64 --out-dir molecule/shared/locks; \
+	done
 
 sandbox: venv
 	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t mlflow-sandbox:latest files/docker

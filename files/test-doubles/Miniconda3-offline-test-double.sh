@@ -69,7 +69,7 @@ case "${1:-}" in
   *) die "unsupported command '${*:-}': this double implements only 'create' and '--version'" ;;
 esac
 
-yes=0 prefix="" override=0
+yes=0 prefix="" override=0 offline=0
 channels=() specs=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -78,6 +78,7 @@ while [ $# -gt 0 ]; do
     --prefix|-p) prefix="${2:?--prefix needs a value}"; shift ;;
     --prefix=*) prefix="${1#*=}" ;;
     --override-channels) override=1 ;;
+    --offline) offline=1 ;;
     --channel|-c) channels+=("${2:?--channel needs a value}"); shift ;;
     --channel=*) channels+=("${1#*=}") ;;
     -*) die "unsupported option $1" ;;
@@ -90,6 +91,7 @@ done
 [ -n "$prefix" ] || die "--prefix is required (named envs are not implemented)"
 [ "$override" = 1 ] || die "refusing to read channels from .condarc: pass --override-channels"
 [ "${#channels[@]}" -gt 0 ] || die "no --channel given"
+# Offline, the channels are not contacted (nothing is, by this double); still checked for policy.
 for c in "${channels[@]}"; do
   case "$c" in
     conda-forge) ;;
@@ -116,7 +118,7 @@ host_python=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[
 
 /usr/bin/python3 -m venv "$prefix"
 mkdir -p "$prefix/conda-meta"
-echo "# created by the conda offline test double: python=$python pip" > "$prefix/conda-meta/history"
+echo "# created by the conda offline test double: python=$python pip (offline=$offline)" > "$prefix/conda-meta/history"
 echo "Preparing transaction: done (offline test double)"
 CONDA
 chmod 0755 "$prefix/bin/conda"
