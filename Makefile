@@ -2,6 +2,7 @@
 # make sandbox               MLflow in a local systemd container at http://localhost:5000, deployed with site.yml
 # make lock                  regenerate the role's hash locks for its pinned versions (needs PyPI)
 # make lock MLFLOW_VERSION=x bump mlflow_version to x and lock it, in one step
+# make bench                 the server (seed vs role) and the deploy, measured: bench/results/<date>.md
 #
 # MINICONDA=double   use the offline Miniconda test double (for places that cannot reach Anaconda)
 # BASE_IMAGE=...     base of the test image (default ubuntu:24.04)
@@ -37,12 +38,12 @@ MLFLOW_VERSION ?=
 # Releases the Molecule scenarios install besides the default (upgrades); their locks are test inputs.
 TEST_MLFLOW_VERSIONS := 3.16.1
 
-.PHONY: venv lint molecule test lock test-locks sandbox sandbox-destroy clean
+.PHONY: venv lint molecule test lock test-locks bench sandbox sandbox-destroy clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
@@ -65,6 +66,10 @@ test-locks: venv
 	for v in $(TEST_MLFLOW_VERSIONS); do \
 	  $(BIN)/python files/tools/lock.py generate --mlflow $$v --python 3.11 --arch x86_64 --out-dir molecule/shared/locks; \
 	done
+
+bench: venv
+	$(BIN)/pip install --quiet -r bench/requirements.txt
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 sandbox: venv
 	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t mlflow-sandbox:latest files/docker

@@ -20,7 +20,7 @@ FACT_CACHE = tempfile.mkdtemp(prefix="bad-input-facts-")
 CASES = [
     ("port-out-of-range", {"mlflow_port": 70000}, ["mlflow_port", "between 1 and 65535"]),
     ("port-not-a-number", {"mlflow_port": "http"}, ["mlflow_port", "int"]),
-    ("no-workers", {"mlflow_workers": 0}, ["mlflow_workers", "at least 1"]),
+    ("negative-workers", {"mlflow_workers": -1}, ["mlflow_workers", "at least 1, or 0 for one per vCPU"]),
     ("unknown-backend-scheme", {"mlflow_backend_store_uri": "mongodb://db.example.com/mlflow"},
      ["mlflow_backend_store_uri", "postgresql"]),
     ("unknown-db-type", {"mlflow_db_type": "oracle"}, ["mlflow_db_type", "sqlite, postgresql"]),

@@ -116,6 +116,19 @@ def test_environment_file_configures_the_server(host):
     assert "MLFLOW_SERVER_ALLOWED_HOSTS=" in content
 
 
+def test_workers_follow_the_vcpus_and_the_job_runner_is_off(host, running_service):
+    """mlflow_workers 0 (the default): one per vCPU, 2 to 8; no job runner unless asked for."""
+    assert var(NAME, "mlflow_workers") == 0 and var(NAME, "mlflow_job_execution") is False
+    vcpus = host.ansible("ansible.builtin.setup", "filter=ansible_processor_vcpus")["ansible_facts"][
+        "ansible_processor_vcpus"]
+    content = host.file(ENV_FILE).content_string
+    assert f'MLFLOW_WORKERS="{min(max(vcpus, 2), 8)}"' in content
+    assert 'MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"' in content
+    procs = host.run("systemctl show mlflow -p ControlGroup --value").stdout.strip()
+    cmdlines = host.run(f"cat /sys/fs/cgroup{procs}/cgroup.procs | xargs -I{{}} cat /proc/{{}}/cmdline | tr '\\0' ' '")
+    assert "huey" not in cmdlines.stdout and "job" not in cmdlines.stdout.lower(), cmdlines.stdout
+
+
 def test_unit_runs_the_env_mlflow_as_the_service_user(host):
     show = host.run(
         "systemctl show mlflow -p User -p Group -p ExecStart -p EnvironmentFiles -p WorkingDirectory -p Restart"
