@@ -36,7 +36,7 @@ endif
 SCENARIO ?=
 MLFLOW_VERSION ?=
 # Releases the Molecule scenarios install besides the default (upgrades); their locks are test inputs.
-TEST_MLFLOW_VERSIONS := 3.16.1
+TEST_MLFLOW_VERSIONS := 3.16.1 3.17.1
 
 .PHONY: venv lint molecule test lock test-locks bench sandbox sandbox-destroy clean
 

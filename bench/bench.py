@@ -48,9 +48,18 @@ DEPLOY_HOSTS = ["mlflow-deploy-1", "mlflow-deploy-2", "mlflow-deploy-3", "mlflow
 NETWORK = "mlflow-bench"
 OPS = ["health", "log-batch", "log-batch-1000", "search-runs", "get-run", "get-metric-history", "create-run",
        "create-model-version", "artifact-upload-1mb", "artifact-download-1mb", "artifact-upload-200mb",
-       "artifact-download-200mb", "mixed"]
+       "artifact-download-200mb", "mixed", "log-batch x2"]
+# "x2": the same operation at twice the benchmark's concurrency (graceful degradation, not a stall).
+DOUBLE = {"log-batch x2": "log-batch"}
 BIG = {"artifact-upload-200mb", "artifact-download-200mb"}
 ENV = "/opt/miniconda3/envs/mlflow/bin"
+# Variants of the role's server for the tuning report: mlflow.service with an extra environment file
+# that overrides the role's. "previous": the role's defaults before the benchmark tuned them.
+VARIANTS = {
+    "role-previous": 'MLFLOW_WORKERS="4"\nMLFLOW_SERVER_ENABLE_JOB_EXECUTION="true"\n'
+                     'MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW="10"\nMLFLOW_UVICORN_OPTS=""\n',
+    "role-uvloop": None,  # the role's options plus --loop uvloop --http httptools (set at run time)
+}
 SEED_UNIT = """[Unit]
 Description=MLflow as the tracking server container runs it (benchmark only)
 [Service]
@@ -206,8 +215,25 @@ def summarize(report: loadgen.Report, op: str) -> dict:
             "mb_per_s": None}
 
 
+def unit_of(config: str) -> str:
+    return {"role": "mlflow.service", "seed": "mlflow-seed.service"}.get(config, f"mlflow-{config}.service")
+
+
+def install_variant(config: str) -> None:
+    """mlflow-<config>.service: the role's unit reading one more environment file, after the role's."""
+    overrides = VARIANTS[config]
+    if config == "role-uvloop":
+        dexec("bash", "-c", f"PIP_CERT=/etc/mlflow/ca-bundle.pem {ENV}/python -m pip install -q uvloop==0.23.0 "
+              "httptools==0.7.1 2>&1 | tail -2")
+        opts = dexec("sed", "-n", 's/^MLFLOW_UVICORN_OPTS="\\(.*\\)"$/\\1/p', "/etc/mlflow/mlflow.env").strip()
+        overrides = f'MLFLOW_UVICORN_OPTS="{opts} --loop uvloop --http httptools"\n'
+    dexec("bash", "-c", f"install -m 0640 -o root -g mlflow /dev/stdin /etc/mlflow/{config}.env", stdin=overrides)
+    dexec("bash", "-c", f"sed 's#^EnvironmentFile=.*#&\\nEnvironmentFile=/etc/mlflow/{config}.env#' "
+          f"/etc/systemd/system/mlflow.service > /etc/systemd/system/{unit_of(config)} && systemctl daemon-reload")
+
+
 def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
-    unit = "mlflow.service" if config == "role" else "mlflow-seed.service"
+    unit = unit_of(config)
     dexec("systemctl", "start", unit)
     healthy = wait_healthy(url)
     cgroup = unit_cgroup(unit)
@@ -217,10 +243,11 @@ def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
     loadgen.seed(url, allow_hosts=[ip], seed_runs=args.seed_runs, timeout=120)
     ops, connections = {}, []
     for op in OPS:
-        report = loadgen.run_workload(url, op, allow_hosts=[ip], concurrency=args.big_concurrency if op in BIG else 16,
+        concurrency = args.big_concurrency if op in BIG else 32 if op in DOUBLE else 16
+        report = loadgen.run_workload(url, DOUBLE.get(op, op), allow_hosts=[ip], concurrency=concurrency,
                                       duration=args.duration, warmup=args.warmup, max_requests=100000,
                                       timeout=120 if op in BIG else 60)
-        ops[op] = summarize(report, op)
+        ops[op] = summarize(report, DOUBLE.get(op, op))
         connections.append(db_connections())
     sampler.stop.set()
     sampler.join()
@@ -397,6 +424,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-deploy-timings", action="store_true")
     parser.add_argument("--keep", action="store_true", help="leave the containers running")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default="", help="report name (default: the date)")
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
     started = time.monotonic()
@@ -420,6 +448,9 @@ def main(argv: list[str]) -> int:
               "install -m 0640 -o root -g mlflow /dev/stdin /etc/mlflow-seed.env", stdin=f'PGPASSWORD="{password}"\n')
         dexec("bash", "-c", "cat > /etc/systemd/system/mlflow-seed.service && systemctl daemon-reload",
               stdin=SEED_UNIT.format(env=ENV))
+        for config in configs:
+            if config in VARIANTS:
+                install_variant(config)
         dexec("systemctl", "stop", "mlflow.service")
         ip = container_ip(BENCH_HOST)
         url = f"http://{ip}:5000"
@@ -437,7 +468,7 @@ def main(argv: list[str]) -> int:
         versions = dexec(f"{ENV}/python", "-c", "import mlflow, sys; print(f'MLflow {mlflow.__version__}, "
                                                  "Python {sys.version.split()[0]}')").strip()
         versions += ", " + dexec("bash", "-c", "psql --version").strip()
-        stem = datetime.date.today().isoformat()
+        stem = args.name or datetime.date.today().isoformat()
         args.out.mkdir(parents=True, exist_ok=True)
         data = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "versions": versions,
                 "command": "python bench/bench.py " + " ".join(argv), "reps": args.reps, "duration": args.duration,

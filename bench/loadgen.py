@@ -81,7 +81,8 @@ class Options:
     connecting and each read). ``verify=False`` skips TLS verification, ``ca_file`` is a PEM bundle to
     trust, ``host_header`` overrides Host (and the TLS server name). ``allow_hosts``: non-loopback hosts
     that may be targeted (the project's own test containers). ``seed=True`` lets a run create missing
-    seed data. ``mix``: operation -> weight for ``op="mixed"``. Requests still in flight when the
+    seed data. ``mix``: operation -> weight for ``op="mixed"``. ``think``: seconds each client pauses
+    after each request (0: closed loop at full speed; > 0 paces clients like training jobs). Requests still in flight when the
     duration ends may finish (and are counted), so a run lasts at most setup + warmup + duration + timeout.
     """
 
@@ -105,6 +106,7 @@ class Options:
     record_writes: bool = False
     use_uvloop: bool = True
     rng_seed: int | None = None
+    think: float = 0.0
 
     def weights(self) -> dict[str, float]:
         """Operation -> weight of this run (a single operation has weight 1)."""
@@ -117,8 +119,9 @@ class Options:
         w = self.weights()
         if any(k not in OPERATIONS or k == "mixed" or v < 0 for k, v in w.items()) or not any(w.values()):
             raise ValueError(f"bad mix {self.mix!r}")
-        if min(self.concurrency, self.duration, self.max_requests, self.timeout) <= 0 or self.warmup < 0:
-            raise ValueError("concurrency, duration, max_requests and timeout must be > 0, warmup >= 0")
+        if min(self.concurrency, self.duration, self.max_requests, self.timeout) <= 0 \
+                or min(self.warmup, self.think) < 0:
+            raise ValueError("concurrency, duration, max_requests and timeout must be > 0, warmup and think >= 0")
 
 
 def _options(base_url: str, **kw: Any) -> Options:
@@ -626,6 +629,8 @@ async def run_async(o: Options, stop: asyncio.Event | None = None, ready: Callab
                     error = f
                 if counted:
                     report.ops[op].add(time.perf_counter() - t0, error, n)
+                if o.think:
+                    await asyncio.sleep(o.think)
 
         tasks = [asyncio.create_task(loop(w)) for w in workers]
         waiter, stopper = asyncio.gather(*tasks), asyncio.create_task(stop.wait())
@@ -839,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="non-loopback host to allow")
     p.add_argument("--verify-writes", action="store_true", help="record acknowledged writes, read them back after")
     p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--think", type=float, default=0.0, help="seconds each client pauses after each request")
     a = p.parse_args(argv)
     password = os.environ.get(a.password_env) if a.password_env else None
     if a.password_env and password is None:
@@ -848,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_workload(a.url, a.op, concurrency=a.concurrency, duration=a.duration, max_requests=a.max_requests,
                               warmup=a.warmup, mix=a.mix, seed=a.seed, seed_runs=a.seed_runs, experiment=a.experiment,
-                              record_writes=a.verify_writes, **conn)
+                              record_writes=a.verify_writes, think=a.think, **conn)
     except (UnsafeTargetError, LoadgenError, ValueError) as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
-"""PostgreSQL backend, S3 artifacts (proxied and direct), the upgrade, and secrets.
+"""PostgreSQL backend, S3 artifacts (proxied and direct), the schema upgrade, and secrets.
 
-Runs against mlflow-app; the other instances are reached with other_host().
+Runs after test_1_changes_under_load.py has taken every server to the role's release, against
+mlflow-app-1; the other instances are reached with other_host().
 """
 
 import base64
@@ -10,11 +11,11 @@ import re
 import uuid
 
 import pytest
-from mlflow_testlib import client_script, env_python, journal, other_host, require_running, run_python, var
+from mlflow_testlib import client_script, env_python, journal, other_host, require_running, role_defaults, run_python, var
 
-testinfra_hosts = ["ansible://mlflow-app"]
+testinfra_hosts = ["ansible://mlflow-app-1"]
 
-APP = "mlflow-app"
+APP = "mlflow-app-1"
 DB_PASSWORD = var(APP, "mlflow_db_password")
 S3_SECRET = var(APP, "mlflow_s3_secret_access_key")
 ADMIN_PASSWORD = var(APP, "mlflow_auth_admin_password")
@@ -23,8 +24,9 @@ SECRETS = [DB_PASSWORD, S3_SECRET, ADMIN_PASSWORD, SECRET_KEY]
 ADMIN = {"MLFLOW_TRACKING_USERNAME": var(APP, "mlflow_auth_admin_username"), "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
 BUCKET = var(APP, "mlflow_s3_bucket")
 S3_KEY_ID = var(APP, "mlflow_s3_access_key_id")
-OLD_VERSION = var(APP, "test_previous_mlflow_version")
-NEW_VERSION = var(APP, "mlflow_version")
+OLD_VERSION = var(APP, "mlflow_version")  # what converge deployed
+SCHEMA_VERSION = var(APP, "test_new_schema_mlflow_version")  # the release that migrated the schema
+NEW_VERSION = role_defaults("mlflow")["mlflow_version"]  # where the tests left the servers behind the balancer
 DB_HOST = var(APP, "mlflow_db_host")
 LOCAL = f"http://127.0.0.1:{var(APP, 'mlflow_port')}"
 
@@ -42,6 +44,11 @@ def s3():
 @pytest.fixture(scope="module")
 def direct():
     return other_host("mlflow-app-direct")
+
+
+@pytest.fixture(scope="module")
+def second():
+    return other_host("mlflow-app-2")
 
 
 def psql_db(db, database, sql):
@@ -75,19 +82,20 @@ def test_secrets_are_literal_and_distinct():
     assert len(set(SECRETS)) == len(SECRETS) and all(len(s) >= 12 for s in SECRETS)
 
 
-def test_both_servers_run_the_new_mlflow(host, direct):
+def test_every_server_runs_the_new_mlflow(host, second, direct):
     assert NEW_VERSION != OLD_VERSION
-    for h in (host, direct):
+    # The direct server, outside the balancer and with databases of its own, was left alone.
+    for h, expected in ((host, NEW_VERSION), (second, NEW_VERSION), (direct, OLD_VERSION)):
         require_running(h)
         assert h.run(f"curl -sS {LOCAL}/health").stdout.strip() == "OK", journal(h)
         version = h.run(f"{env_python(APP)} -m pip show mlflow").stdout
-        assert f"Version: {NEW_VERSION}" in version
+        assert f"Version: {expected}" in version
 
 
 def test_the_env_of_the_previous_release_is_kept_for_a_rollback(host):
     prefix = f"{var(APP, 'mlflow_conda_prefix')}/envs/{var(APP, 'mlflow_conda_env_name')}"
     kept = host.file(f"{prefix}.previous")
-    assert kept.is_symlink and kept.linked_to.startswith(f"{prefix}-{OLD_VERSION}-"), kept.linked_to
+    assert kept.is_symlink and kept.linked_to.startswith(f"{prefix}-{SCHEMA_VERSION}-"), kept.linked_to
     assert host.file(f"{kept.linked_to}/bin/mlflow").exists
     assert host.file(prefix).linked_to.startswith(f"{prefix}-{NEW_VERSION}-")
 
@@ -99,8 +107,14 @@ def test_backend_uri_has_no_password_and_the_password_is_in_pgpassword(host):
     uri = [line for line in content.splitlines() if line.startswith("MLFLOW_BACKEND_STORE_URI=")][0]
     assert uri == f'MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://mlflow@{DB_HOST}:5432/mlflow?sslmode=prefer"'
     assert f'PGPASSWORD="{DB_PASSWORD}"' in content
-    for key in ("pool_size", "max_overflow", "pool_recycle"):
-        assert f'MLFLOW_SQLALCHEMYSTORE_{key.upper()}="{var(APP, "mlflow_db_" + key)}"' in content
+    # Each worker's pool is its share of the connection budget; it admits one request fewer.
+    workers = int(re.search(r'^MLFLOW_WORKERS="(\d+)"', content, re.M).group(1))
+    share = (var(APP, "mlflow_db_connection_budget") - 3) // workers
+    pool = min(var(APP, "mlflow_db_pool_size"), share - 1)
+    assert f'MLFLOW_SQLALCHEMYSTORE_POOL_SIZE="{pool}"' in content
+    assert f'MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW="{share - pool}"' in content
+    assert f'MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE="{var(APP, "mlflow_db_pool_recycle")}"' in content
+    assert f"--limit-concurrency={share - 1}" in content
 
 
 def test_artifact_modes_are_configured(host, direct):
@@ -144,7 +158,8 @@ def test_direct_round_trip_writes_to_the_bucket_from_the_client(direct, db, s3):
     result = round_trip(direct, env=client_env)
     assert result["artifact_uri"].startswith(f"s3://{BUCKET}/direct/")
     assert result["artifact_content"] == result["expected_artifact_content"]
-    assert psql(db, f"select count(*) from runs where run_uuid = '{result['run_id']}'") == "1"
+    database = var("mlflow-app-direct", "mlflow_db_name")
+    assert psql_db(db, database, f"select count(*) from runs where run_uuid = '{result['run_id']}'") == "1"
     key = f"direct/{result['experiment_id']}/{result['run_id']}/artifacts/docs/notes.txt"
     obj = s3_object(s3, key)
     assert obj.rc == 0, obj.stderr
@@ -152,14 +167,15 @@ def test_direct_round_trip_writes_to_the_bucket_from_the_client(direct, db, s3):
 
 
 def test_the_schema_was_migrated_once_for_the_shared_database(host, direct, db):
-    logs = [h.run("cat /var/lib/mlflow/db-migrations.log").stdout for h in (host, direct)]
+    logs = [h.run("cat /var/lib/mlflow/db-migrations.log").stdout
+            for h in (host, other_host("mlflow-app-2"), direct)]
     everything = [line for log in logs for line in log.splitlines() if line.strip()]
     # Every store was migrated at most once, whichever host did it.
     stores = [line.split(" store ")[1].split(" from ")[0] for line in everything]
     assert len(stores) == len(set(stores)), everything
     lines = [line for line in everything if " tracking store " in line]
     assert len(lines) == 1, everything
-    assert f"with mlflow {NEW_VERSION}" in lines[0]
+    assert f"with mlflow {SCHEMA_VERSION}" in lines[0]
     assert f"mlflow@{DB_HOST}:5432/mlflow" in lines[0]
     assert DB_PASSWORD not in lines[0]
     status = host.run(
@@ -177,13 +193,13 @@ def test_the_schema_was_migrated_once_for_the_shared_database(host, direct, db):
 def test_a_backup_was_taken_before_the_migration(host, direct):
     dumps = [
         (h, f.strip())
-        for h in (host, direct)
+        for h in (host, other_host("mlflow-app-2"), direct)
         for f in h.run("ls /var/backups/mlflow/ 2>/dev/null").stdout.splitlines()
         if f.strip()
     ]
     assert len(dumps) == 1, dumps
     h, name = dumps[0]
-    assert name.startswith("mlflow-") and name.endswith(f"-before-mlflow-{NEW_VERSION}.dump")
+    assert name.startswith("mlflow-") and name.endswith(f"-before-mlflow-{SCHEMA_VERSION}.dump")
     listing = h.run(f"pg_restore --list /var/backups/mlflow/{name}")
     assert listing.rc == 0, listing.stderr
     assert "TABLE public runs" in listing.stdout
@@ -233,7 +249,10 @@ print(json.dumps({"scanned": scanned, "hits": hits}))
 """
 
 
-@pytest.mark.parametrize("name", ["mlflow-app", "mlflow-app-direct", "mlflow-db"])
+HOSTS = ["mlflow-app-1", "mlflow-app-2", "mlflow-app-direct", "mlflow-db", "mlflow-lb"]
+
+
+@pytest.mark.parametrize("name", HOSTS)
 def test_no_secret_in_any_process_command_line(name):
     h = other_host(name)
     encoded = base64.b64encode(" ".join(SECRETS).encode()).decode()
@@ -244,17 +263,17 @@ def test_no_secret_in_any_process_command_line(name):
     assert result["hits"] == []
 
 
-@pytest.mark.parametrize("name", ["mlflow-app", "mlflow-app-direct", "mlflow-db"])
+@pytest.mark.parametrize("name", HOSTS)
 def test_no_secret_in_the_journal(name):
     h = other_host(name)
     text = h.run("journalctl --no-pager -o cat").stdout
-    assert "mlflow" in text.lower() or name == "mlflow-db"
+    assert "mlflow" in text.lower() or name in ("mlflow-db", "mlflow-lb")
     for secret in SECRETS:
         assert secret not in text
 
 
 def test_no_secret_in_the_ansible_output():
-    """Every play that ran (prepare, converge, idempotence), with --diff, is in the log.
+    """Every play that ran (prepare, converge, and the tests' own), with --diff, is in the log.
 
     testinfra's own inventory dumps land there too (it lists the inventory, test secrets
     included): only the records of processes that ran plays are searched.

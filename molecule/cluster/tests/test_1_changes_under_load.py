@@ -1,0 +1,365 @@
+"""Changes and failures of the servers behind the balancer, under load (bench/loadgen.py).
+
+The steps run in order and leave the cluster on the role's release for test_2_backends.py:
+1. a configuration change that restarts every server, rolling: no failed request;
+2. kill -9 of a server's main process, and a stop of a server's container: the requests in flight
+   at that instant may fail at the HTTP level (counted); MLflow's own client (with its retries) sees
+   no failure;
+3. a schema-changing upgrade: a training loop with MLflow's client runs across it; the balancer
+   answers 503 with Retry-After while no server is up (the window is measured);
+4. an upgrade between two releases of the same schema (to the role's default) of the servers
+   behind the balancer, rolling: no failed request.
+After each step everything the load generator wrote is read back; at the end, all of it.
+"""
+
+import base64
+import gzip
+import json
+import pathlib
+import re
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from mlflow_testlib import ROOT, client_script, journal, other_host, role_defaults, run_playbook, run_python, var
+
+sys.path.insert(0, str(ROOT / "bench"))
+import loadgen  # noqa: E402
+
+testinfra_hosts = ["ansible://mlflow-app-1"]
+
+APPS = ["mlflow-app-1", "mlflow-app-2"]
+LB, DIRECT = "mlflow-lb", "mlflow-app-direct"
+URL = var(APPS[0], "test_lb_url")
+CA = str(pathlib.Path(var(APPS[0], "test_tls_dir")) / "ca.crt")
+USER, PASSWORD = var(APPS[0], "mlflow_auth_admin_username"), var(APPS[0], "mlflow_auth_admin_password")
+START, NEW_SCHEMA = var(APPS[0], "mlflow_version"), var(APPS[0], "test_new_schema_mlflow_version")
+FINAL = role_defaults("mlflow")["mlflow_version"]
+# Four clients that pause 2 s after each request, like training jobs that log as they go: about 2
+# requests/s, so that requests are in flight at every restart while the plays keep the CPU they
+# need on a 2-core CI machine (with basic auth on, MLflow checks the password's scrypt hash on every
+# request: 0.1-0.15 s of CPU here).
+CONCURRENCY = 4
+LOAD = {"username": USER, "password": PASSWORD, "ca_file": CA, "concurrency": CONCURRENCY, "think": 2.0, "duration": 900,
+        "max_requests": 10**6, "warmup": 1, "timeout": 60, "seed_runs": 100, "record_writes": True}
+BEHIND_LB = "mlflow_lb,mlflow_lb_backends"
+# What every step converges with besides its own change (so that no step undoes another).
+STEP_VARS = {"mlflow_env_extra": {"MLFLOW_TEST_ROLLING_STEP": "configuration-changed"}}
+RECORD = loadgen.WriteRecord()
+CLIENT_ENV = {"MLFLOW_TRACKING_URI": "https://mlflow-lb", "MLFLOW_TRACKING_SERVER_CERT_PATH": "/root/test-ca.crt",
+              "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+
+
+def main_pids():
+    return {name: other_host(name).run("systemctl show mlflow -p MainPID --value").stdout.strip() for name in APPS}
+
+
+def versions():
+    return {name: other_host(name).run(f"{var(name, 'mlflow_conda_prefix')}/envs/mlflow/bin/python -c "
+                                       "'import mlflow; print(mlflow.__version__)'").stdout.strip() for name in APPS}
+
+
+def converge(extra, limit=BEHIND_LB):
+    result = run_playbook("site.yml", limit, {**STEP_VARS, **extra}, timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def lb_status(server):
+    """The server's status at the balancer (UP, DOWN, DRAIN, MAINT ...), from HAProxy's CSV statistics."""
+    csv = other_host(LB).run("curl -s 'http://127.0.0.1:8404/stats;csv'").stdout
+    for line in csv.splitlines():
+        fields = line.split(",")
+        if len(fields) > 17 and fields[0] == "mlflow" and fields[1] == server:
+            return fields[17]
+    return None
+
+
+def wait_until(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(1)
+    pytest.fail(f"{what} did not happen within {timeout} s")
+
+
+def task_outcomes(output, task):
+    """{host: [ok|changed|skipping|failed, ...]} of a task in a play's output, over every batch."""
+    outcomes, inside = {}, False
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            inside = f" : {task}" in line
+        elif inside and (m := re.match(r"(ok|changed|skipping|failed|fatal): \[([^\]]+)\]", line)):
+            outcomes.setdefault(m.group(2).split(" -> ")[0], []).append(m.group(1))
+    return outcomes
+
+
+SCHEMA_READ = "Read the schema revision of each database"
+
+
+def settle(report, what):
+    """Print the load's figures and fold its writes into RECORD."""
+    d = report.as_dict()
+    print(f"\n{what}: {d['total_requests']} requests ({d['total_rps']}/s), {d['total_errors']} failed at the HTTP level: "
+          + json.dumps({op: s["errors"] for op, s in d["ops"].items() if s["errors"]}))
+    return d
+
+
+def client_loop(script, *args):
+    """MLflow's own client (its retries on), on a server host, through the balancer's name. Its
+    credentials go through an env file, not a command line."""
+    env_file = pathlib.Path(tempfile.mkstemp(prefix="client-env-")[1])
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in CLIENT_ENV.items()))
+    process = subprocess.Popen(["docker", "exec", "-i", "--env-file", str(env_file), DIRECT,
+                                f"{var(DIRECT, 'mlflow_conda_prefix')}/envs/mlflow/bin/python", "-", *args],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdin.write(script)
+    process.stdin.close()
+    time.sleep(1)
+    env_file.unlink()
+    return process
+
+
+def finish(process, timeout=900):
+    process.wait(timeout)
+    return process.stdout.read(), process.stderr.read()
+
+
+CLIENT_OPS = """
+import json, os, sys, time
+import mlflow
+from mlflow.tracking import MlflowClient
+c, done, t0 = MlflowClient(), 0, time.monotonic()
+exp = c.get_experiment_by_name("client-loop") or c.get_experiment(c.create_experiment("client-loop"))
+while time.monotonic() - t0 < float(sys.argv[1]):
+    run = c.create_run(exp.experiment_id)
+    c.log_param(run.info.run_id, "i", str(done))
+    c.log_metric(run.info.run_id, "loss", 1.0 / (done + 1), step=done)
+    assert c.get_run(run.info.run_id).data.params["i"] == str(done)
+    c.set_terminated(run.info.run_id)
+    done += 1
+print(json.dumps({"operations": done * 5}))
+"""
+
+TRAINING = """
+import json, os, sys, tempfile, time
+import mlflow
+mlflow.set_experiment("training-loop")
+steps = 0
+with mlflow.start_run() as run:
+    t0 = time.monotonic()
+    while not os.path.exists("/tmp/stop-training") and time.monotonic() - t0 < 900:
+        mlflow.log_metric("loss", 1.0 / (steps + 1), step=steps)
+        steps += 1
+        time.sleep(0.1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.txt")
+        with open(path, "w") as f:
+            f.write(f"trained for {steps} steps\\n")
+        mlflow.log_artifact(path)
+print(json.dumps({"run_id": run.info.run_id, "steps": steps}))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def seeded():
+    """The balancer serves, the client hosts trust the test CA, and the load generator has its data."""
+    wait_until(lambda: all(lb_status(a) == "UP" for a in APPS), 120, "both servers UP at the balancer")
+    other_host(DIRECT).run(f"cat > /root/test-ca.crt <<'EOF'\n{pathlib.Path(CA).read_text()}EOF")
+    loadgen.seed(URL, ops=list(loadgen.DEFAULT_MIX), **{k: v for k, v in LOAD.items() if k != "record_writes"})
+
+
+def test_step_1_a_configuration_change_rolls_through_the_servers_without_a_failed_request():
+    before = main_pids()
+    with loadgen.background_load(URL, "mixed", **LOAD) as load:
+        time.sleep(3)
+        output = converge({})
+        time.sleep(2)
+    d = settle(load.report, "configuration change")
+    RECORD.extend(load.record)
+    assert "Drain this server at every balancer" in output
+    # The same env on the same databases, verified when the servers last started: MLflow is not
+    # imported again to read the schema.
+    assert task_outcomes(output, SCHEMA_READ) == {a: ["skipping"] for a in APPS}, output[-3000:]
+    after = main_pids()
+    assert all(after[a] != before[a] for a in APPS), (before, after)
+    assert d["total_requests"] > 100 and d["total_errors"] == 0, d["ops"]
+    missing = loadgen.verify_writes(URL, load.record, username=USER, password=PASSWORD, ca_file=CA)
+    assert missing.ok, missing.as_dict()
+
+
+def test_step_2_a_crash_or_a_stopped_container_costs_at_most_the_requests_in_flight():
+    app1, app2 = (other_host(a) for a in APPS)
+    client = client_loop(CLIENT_OPS, "60")
+    with loadgen.background_load(URL, "mixed", **LOAD) as load:
+        time.sleep(5)
+        pid = app1.run("systemctl show mlflow -p MainPID --value").stdout.strip()
+        assert app1.run(f"kill -9 {pid}").rc == 0
+        wait_until(lambda: app1.run("systemctl show mlflow -p MainPID --value").stdout.strip() not in ("0", pid)
+                   and lb_status(APPS[0]) == "UP", 180, "the killed server serving again")
+        subprocess.run(["docker", "stop", "--time", "20", APPS[1]], check=True, capture_output=True)
+        time.sleep(5)
+        subprocess.run(["docker", "start", APPS[1]], check=True, capture_output=True)
+        wait_until(lambda: lb_status(APPS[1]) == "UP", 240, "the restarted container serving again")
+        time.sleep(3)
+    d = settle(load.report, "kill -9 of a server, then a stop of a server's container")
+    RECORD.extend(load.record)
+    out, err = finish(client)
+    assert client.returncode == 0, out + err
+    operations = json.loads(out.strip().splitlines()[-1])["operations"]
+    print(f"MLflow's client: {operations} operations across the same faults, 0 failed")
+    assert operations > 0
+    # Only what was in flight on the failed server may have failed (2 events, CONCURRENCY clients).
+    assert d["total_errors"] <= 2 * CONCURRENCY, d["ops"]
+    missing = loadgen.verify_writes(URL, load.record, username=USER, password=PASSWORD, ca_file=CA)
+    assert missing.ok, missing.as_dict()
+
+
+class HealthWatch(threading.Thread):
+    """Polls /health through the balancer; records when it was not 200 and a 503's Retry-After."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop, self.down, self.retry_after, self.context = threading.Event(), [], None, ssl.create_default_context(cafile=CA)
+
+    def run(self):
+        while not self.stop.is_set():
+            status = 0
+            try:
+                with urllib.request.urlopen(f"{URL}/health", timeout=5, context=self.context) as r:
+                    status = r.status
+            except urllib.error.HTTPError as error:
+                status = error.code
+                if error.code == 503:
+                    self.retry_after = error.headers.get("Retry-After")
+            except OSError:
+                status = -1
+            if status != 200:
+                self.down.append(time.monotonic())
+            time.sleep(0.25)
+
+    def window(self):
+        return (self.down[-1] - self.down[0] + 0.25) if self.down else 0.0
+
+
+def test_step_3_a_training_loop_runs_across_a_schema_changing_upgrade(host):
+    # Data logged with the old release, read back by test_2_backends.py after the upgrade.
+    out = run_python(host, client_script(), "http://127.0.0.1:5000", "before-upgrade",
+                     env={"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+    assert out.rc == 0, out.stderr + journal(host)
+    host.run(f"cat > /root/before-upgrade.json <<'EOF'\n{out.stdout.strip().splitlines()[-1]}\nEOF")
+
+    other_host(DIRECT).run("rm -f /tmp/stop-training")
+    training = client_loop(TRAINING)
+    watch = HealthWatch()
+    time.sleep(5)
+    watch.start()
+    started = time.monotonic()
+    output = converge({"mlflow_version": NEW_SCHEMA})
+    took = time.monotonic() - started
+    time.sleep(3)
+    watch.stop.set()
+    other_host(DIRECT).run("touch /tmp/stop-training")
+    out, err = finish(training)
+    assert training.returncode == 0, out + err
+    result = json.loads(out.strip().splitlines()[-1])
+    print(f"\nschema-changing upgrade {START} -> {NEW_SCHEMA}: the play took {took:.0f} s; no server answered for "
+          f"{watch.window():.1f} s (503, Retry-After: {watch.retry_after}); the training loop logged "
+          f"{result['steps']} steps across it without an exception")
+    assert versions() == {a: NEW_SCHEMA for a in APPS}
+    assert task_outcomes(output, SCHEMA_READ) == {a: ["ok"] for a in APPS}, output[-3000:]
+    assert watch.down, "the balancer never answered without a server: the servers were not all stopped"
+    assert watch.retry_after == str(var(LB, "mlflow_lb_retry_after"))
+
+    # Every step the loop logged, and its artifact, are there.
+    reader = f"""
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+history = c.get_metric_history("{result['run_id']}", "loss")
+files = [f.path for f in c.list_artifacts("{result['run_id']}")]
+print(json.dumps({{"steps": sorted(m.step for m in history), "files": files}}))
+"""
+    check = client_loop(reader)
+    out, err = finish(check)
+    assert check.returncode == 0, out + err
+    logged = json.loads(out.strip().splitlines()[-1])
+    assert logged["steps"] == list(range(result["steps"])), "steps lost or repeated"
+    assert logged["files"] == ["model.txt"]
+
+
+def test_step_4_an_upgrade_of_the_same_schema_rolls_without_a_failed_request():
+    assert versions() == {a: NEW_SCHEMA for a in APPS}
+    with loadgen.background_load(URL, "mixed", **LOAD) as load:
+        time.sleep(3)
+        output = converge({"mlflow_version": FINAL})
+        time.sleep(2)
+    d = settle(load.report, f"upgrade {NEW_SCHEMA} -> {FINAL} (same schema)")
+    RECORD.extend(load.record)
+    assert versions() == {a: FINAL for a in APPS}
+    # Both new envs were installed, at once, before the first server was drained (site.yml stages
+    # a rolling change), so each server is out of the balancer only for its restart.
+    staged = task_outcomes(output[:output.index("Drain this server at every balancer")],
+                           "Install the locked packages with uv")
+    assert staged == {a: ["changed"] for a in APPS}, staged
+    assert d["total_requests"] > 100 and d["total_errors"] == 0, d["ops"]
+    missing = loadgen.verify_writes(URL, load.record, username=USER, password=PASSWORD, ca_file=CA)
+    assert missing.ok, missing.as_dict()
+
+
+
+def test_everything_the_load_wrote_in_every_step_is_still_there():
+    counts = RECORD.counts()
+    missing = loadgen.verify_writes(URL, RECORD, username=USER, password=PASSWORD, ca_file=CA)
+    print(f"\nall steps: checked {counts}, missing {missing.total}")
+    assert sum(counts.values()) > 0
+    assert missing.ok, missing.as_dict()
+
+
+def test_the_ui_loads_through_the_balancer_compressed_and_its_bundle_cached():
+    context = ssl.create_default_context(cafile=CA)
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
+    request = urllib.request.Request(f"{URL}/", headers={"Accept-Encoding": "gzip", **auth})
+    with urllib.request.urlopen(request, context=context, timeout=30) as r:
+        assert r.headers.get("Content-Encoding") == "gzip"
+        index = gzip.decompress(r.read()).decode()
+    bundle = re.search(r'"([^"]*/main\.[0-9a-f]+\.js)"', index).group(1)
+    bundle_url = urllib.parse.urljoin(URL + "/", bundle)
+    request = urllib.request.Request(bundle_url, headers={"Accept-Encoding": "gzip", **auth})
+    with urllib.request.urlopen(request, context=context, timeout=60) as r:
+        body = r.read()
+        assert r.headers.get("Content-Encoding") == "gzip", dict(r.headers)
+        assert "immutable" in r.headers.get("Cache-Control", "")
+    with urllib.request.urlopen(urllib.request.Request(bundle_url, headers=auth), context=context, timeout=60) as r:
+        plain = len(r.read())
+    print(f"\nUI bundle {bundle}: {plain / 2**20:.1f} MB, {len(body) / 2**20:.1f} MB gzipped through the balancer")
+    assert len(body) < plain / 2
+
+
+def test_statistics_and_metrics_answer_on_the_balancers_loopback_only():
+    lb = other_host(LB)
+    metrics = lb.run("curl -s http://127.0.0.1:8404/metrics").stdout
+    # HAProxy's own exporter: per-server series of the balancer's backend, labelled by server.
+    assert all(f'proxy="mlflow",server="{a}"' in metrics for a in APPS), metrics[:2000]
+    assert other_host(DIRECT).run("curl -s --max-time 5 http://mlflow-lb:8404/metrics").rc != 0
+
+
+def test_plain_http_is_redirected_to_https():
+    out = other_host(DIRECT).run("curl -s -o /dev/null -w '%{http_code} %{redirect_url}' http://mlflow-lb/health")
+    code, location = out.stdout.split(" ", 1)
+    assert code == "301" and location.startswith("https://"), out.stdout
+
+
+def test_the_balancer_is_sandboxed():
+    out = other_host(LB).run("systemd-analyze security haproxy.service --no-pager")
+    line = [x for x in out.stdout.splitlines() if "Overall exposure level" in x]
+    print(f"\nsystemd-analyze security haproxy.service: {line}")
+    assert line and float(line[0].split(":")[1].split()[0]) < 5.0, out.stdout
