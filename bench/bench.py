@@ -17,7 +17,7 @@ One run, on this machine, with the project's own systemd containers (molecule/sh
    host-to-container copy rates of the artifact file.
 4. bench/results/<date>.md with the machine, the versions, the tables and PNG charts.
 
-    python bench/bench.py [--reps 3] [--duration 4] [--configs seed,role] [--skip-deploy-timings] [--keep]
+    python bench/bench.py [--reps 3] [--duration 3] [--configs seed,role] [--skip-deploy-timings] [--keep]
 
 Traffic goes only to the containers this script starts (loadgen's allow_hosts) and to loopback.
 """
@@ -416,7 +416,7 @@ def machine() -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--big-concurrency", type=int, default=4)
     parser.add_argument("--seed-runs", type=int, default=1000)
