@@ -67,7 +67,7 @@ User=mlflow
 Group=mlflow
 WorkingDirectory=/var/lib/mlflow-seed
 EnvironmentFile=/etc/mlflow-seed.env
-ExecStart={env}/mlflow server --backend-store-uri postgresql://mlflow@127.0.0.1:5432/mlflow \
+ExecStart={env}/mlflow server --backend-store-uri postgresql+psycopg2://mlflow@127.0.0.1:5432/mlflow \
 --default-artifact-root /var/lib/mlflow-seed/artifacts --host 0.0.0.0 --port 5000
 """
 
