@@ -12,7 +12,8 @@ One run, on this machine, with the project's own systemd containers (molecule/sh
      role  mlflow.service exactly as the role's defaults wrote it for this host.
    Configurations alternate, each repeated --reps times (default 3); each phase starts the server (time to
    a healthy /health), runs every operation of bench/loadgen.py at fixed concurrency for a bounded time,
-   and samples the unit's cgroup (memory, processes) and PostgreSQL's connections.
+   and samples the unit's memory (systemd's MemoryCurrent, every second) and processes, and
+   PostgreSQL's connections.
 3. Ceilings on the same host: PostgreSQL's raw insert rate of the same metric rows, and the disk and
    host-to-container copy rates of the artifact file.
 4. bench/results/<date>.md with the machine, the versions, the tables and PNG charts.
@@ -67,6 +68,8 @@ User=mlflow
 Group=mlflow
 WorkingDirectory=/var/lib/mlflow-seed
 EnvironmentFile=/etc/mlflow-seed.env
+# Accounting only (systemd's default on most hosts; said here so MemoryCurrent is there to read).
+MemoryAccounting=yes
 ExecStart={env}/mlflow server --backend-store-uri postgresql+psycopg2://mlflow@127.0.0.1:5432/mlflow \
 --default-artifact-root /var/lib/mlflow-seed/artifacts --host 0.0.0.0 --port 5000
 """
@@ -153,10 +156,12 @@ def container_ip(name: str) -> str:
               ).stdout.strip()
 
 
-def unit_cgroup(unit: str) -> pathlib.Path:
-    """The unit's cgroup as the host sees it (the containers share the host's cgroup namespace)."""
-    path = dexec("systemctl", "show", unit, "-p", "ControlGroup", "--value").strip()
-    return pathlib.Path("/sys/fs/cgroup" + path)
+def unit_sample(unit: str) -> tuple[int, int]:
+    """(memory in bytes, processes) of the unit: systemd's MemoryCurrent (its cgroup's memory, on cgroup
+    v1 and v2 alike) and the processes whose cgroup is the unit's."""
+    out = dexec("bash", "-c", f"systemctl show {unit} -p MemoryCurrent --value; "
+                f"grep -l '/{unit}$' /proc/[0-9]*/cgroup 2>/dev/null | wc -l").split()
+    return int(out[0]), int(out[1])
 
 
 def db_connections() -> int:
@@ -179,23 +184,20 @@ def wait_healthy(url: str, timeout: float = 240) -> float:
 
 
 class Sampler(threading.Thread):
-    """Samples memory.current and the process count of a cgroup every second."""
+    """Samples the unit's memory and process count every second."""
 
-    def __init__(self, cgroup: pathlib.Path):
+    def __init__(self, unit: str):
         super().__init__(daemon=True)
-        self.cgroup, self.stop, self.memory, self.procs = cgroup, threading.Event(), [], []
+        self.unit, self.stop, self.memory, self.procs = unit, threading.Event(), [], []
 
     def run(self) -> None:
         while not self.stop.wait(1.0):
             try:
-                self.memory.append(int((self.cgroup / "memory.current").read_text()))
-                procs = [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
-                for child in self.cgroup.iterdir():
-                    if child.is_dir() and (child / "cgroup.procs").exists():
-                        procs += [int(p) for p in (child / "cgroup.procs").read_text().split()]
-                self.procs.append(len(procs))
-            except OSError:
-                pass
+                memory, procs = unit_sample(self.unit)
+            except (subprocess.CalledProcessError, ValueError, IndexError):
+                continue
+            self.memory.append(memory)
+            self.procs.append(procs)
 
 
 def summarize(report: loadgen.Report, op: str) -> dict:
@@ -236,10 +238,9 @@ def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
     unit = unit_of(config)
     dexec("systemctl", "start", unit)
     healthy = wait_healthy(url)
-    cgroup = unit_cgroup(unit)
-    sampler = Sampler(cgroup)
+    idle_memory, _ = unit_sample(unit)
+    sampler = Sampler(unit)
     sampler.start()
-    idle_memory = int((cgroup / "memory.current").read_text())
     loadgen.seed(url, allow_hosts=[ip], seed_runs=args.seed_runs, timeout=120)
     ops, connections = {}, []
     for op in OPS:
@@ -251,7 +252,7 @@ def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
         connections.append(db_connections())
     sampler.stop.set()
     sampler.join()
-    peak = int((cgroup / "memory.peak").read_text()) if (cgroup / "memory.peak").exists() else max(sampler.memory)
+    peak = max(sampler.memory)
     result = {"config": config, "time_to_healthy_s": round(healthy, 2), "memory_idle_mb": idle_memory / 2**20,
               "memory_peak_mb": peak / 2**20, "memory_mean_mb": statistics.fmean(sampler.memory) / 2**20,
               "processes": max(sampler.procs), "db_connections_max": max(connections), "ops": ops}
@@ -383,7 +384,7 @@ def report(data: dict, out: pathlib.Path, stem: str) -> pathlib.Path:
     lines += ["", "## The service", "", "| | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
     for key, label, fmt in (("time_to_healthy_s", "start to healthy /health, s", "{:.1f}"),
                             ("memory_idle_mb", "memory after start, MB (unit cgroup)", "{:.0f}"),
-                            ("memory_peak_mb", "memory peak under load, MB", "{:.0f}"),
+                            ("memory_peak_mb", "memory peak under load, MB (1 s samples)", "{:.0f}"),
                             ("processes", "processes", "{:.0f}"),
                             ("db_connections_max", "PostgreSQL connections (max sampled)", "{:.0f}")):
         lines.append(f"| {label} | " + " | ".join(spread([p[key] for p in phases if p["config"] == c], fmt)

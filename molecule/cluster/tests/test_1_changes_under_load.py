@@ -66,6 +66,24 @@ def versions():
                                        "'import mlflow; print(mlflow.__version__)'").stdout.strip() for name in APPS}
 
 
+def lb_address():
+    """The balancer's address on its default route, which the servers trust for X-Forwarded-*."""
+    return re.search(r"src (\S+)", other_host(LB).run("ip -4 -o route get 1.1.1.1").stdout).group(1)
+
+
+def haproxy_info():
+    """The current HAProxy worker's account of itself (`show info` through the master's CLI, @1: after
+    a reload, the workers of earlier configurations answer on the stats socket too): pid, maxconn, ..."""
+    script = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy-master.sock'); "
+              "s.sendall(b'@1 show info\\n'); s.shutdown(socket.SHUT_WR); print(s.makefile().read())")
+    out = other_host(LB).run(f'python3 -c "{script}"').stdout
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def haproxy_master():
+    return other_host(LB).run("systemctl show haproxy -p MainPID --value").stdout.strip()
+
+
 def converge(extra, limit=BEHIND_LB):
     result = run_playbook("site.yml", limit, {**STEP_VARS, **extra}, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
@@ -181,7 +199,9 @@ def test_step_1_a_configuration_change_rolls_through_the_servers_without_a_faile
     before = main_pids()
     with loadgen.background_load(URL, "mixed", **LOAD) as load:
         time.sleep(3)
-        output = converge({})
+        # Limited to the servers, as an operator changing only them would: their configuration
+        # still names the balancer it reads from outside the run (its address, for the headers).
+        output = converge({}, limit="mlflow_lb_backends")
         time.sleep(2)
     d = settle(load.report, "configuration change")
     RECORD.extend(load.record)
@@ -191,6 +211,8 @@ def test_step_1_a_configuration_change_rolls_through_the_servers_without_a_faile
     assert task_outcomes(output, SCHEMA_READ) == {a: ["skipping"] for a in APPS}, output[-3000:]
     after = main_pids()
     assert all(after[a] != before[a] for a in APPS), (before, after)
+    trusted = f"--forwarded-allow-ips={lb_address()}"
+    assert all(trusted in other_host(a).file("/etc/mlflow/mlflow.env").content_string for a in APPS), trusted
     assert d["total_requests"] > 100 and d["total_errors"] == 0, d["ops"]
     missing = loadgen.verify_writes(URL, load.record, username=USER, password=PASSWORD, ca_file=CA)
     assert missing.ok, missing.as_dict()
@@ -298,13 +320,21 @@ print(json.dumps({{"steps": sorted(m.step for m in history), "files": files}}))
 
 def test_step_4_an_upgrade_of_the_same_schema_rolls_without_a_failed_request():
     assert versions() == {a: NEW_SCHEMA for a in APPS}
+    # The balancer's configuration changes in the same run: HAProxy reloads (a new worker takes the
+    # listening sockets over) under the same load.
+    maxconn = int(var(LB, "mlflow_lb_maxconn")) + 100
+    master, haproxy_before = haproxy_master(), haproxy_info()
     with loadgen.background_load(URL, "mixed", **LOAD) as load:
         time.sleep(3)
-        output = converge({"mlflow_version": FINAL})
+        output = converge({"mlflow_version": FINAL, "mlflow_lb_maxconn": maxconn})
         time.sleep(2)
-    d = settle(load.report, f"upgrade {NEW_SCHEMA} -> {FINAL} (same schema)")
+    d = settle(load.report, f"upgrade {NEW_SCHEMA} -> {FINAL} (same schema), and a reload of the balancer")
     RECORD.extend(load.record)
     assert versions() == {a: FINAL for a in APPS}
+    haproxy_after = haproxy_info()
+    assert haproxy_after["Maxconn"] == str(maxconn), haproxy_after
+    # A reload: the same master process, a new worker.
+    assert haproxy_master() == master and haproxy_after["Pid"] != haproxy_before["Pid"], (haproxy_before, haproxy_after)
     # Both new envs were installed, at once, before the first server was drained (site.yml stages
     # a rolling change), so each server is out of the balancer only for its restart.
     staged = task_outcomes(output[:output.index("Drain this server at every balancer")],

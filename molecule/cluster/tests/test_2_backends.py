@@ -8,14 +8,16 @@ import base64
 import json
 import os
 import re
+import urllib.parse
 import uuid
 
 import pytest
-from mlflow_testlib import client_script, env_python, journal, other_host, require_running, role_defaults, run_python, var
+from mlflow_testlib import (client_script, env_python, journal, other_host, require_running, role_defaults, run_playbook,
+                            run_python, var)
 
 testinfra_hosts = ["ansible://mlflow-app-1"]
 
-APP = "mlflow-app-1"
+APP, DIRECT = "mlflow-app-1", "mlflow-app-direct"
 DB_PASSWORD = var(APP, "mlflow_db_password")
 S3_SECRET = var(APP, "mlflow_s3_secret_access_key")
 ADMIN_PASSWORD = var(APP, "mlflow_auth_admin_password")
@@ -43,7 +45,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def direct():
-    return other_host("mlflow-app-direct")
+    return other_host(DIRECT)
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +160,33 @@ def test_direct_round_trip_writes_to_the_bucket_from_the_client(direct, db, s3):
     result = round_trip(direct, env=client_env)
     assert result["artifact_uri"].startswith(f"s3://{BUCKET}/direct/")
     assert result["artifact_content"] == result["expected_artifact_content"]
-    database = var("mlflow-app-direct", "mlflow_db_name")
+    database = urllib.parse.urlsplit(var(DIRECT, "mlflow_backend_store_uri")).path.strip("/")
     assert psql_db(db, database, f"select count(*) from runs where run_uuid = '{result['run_id']}'") == "1"
     key = f"direct/{result['experiment_id']}/{result['run_id']}/artifacts/docs/notes.txt"
     obj = s3_object(s3, key)
     assert obj.rc == 0, obj.stderr
     assert obj.stdout == result["expected_artifact_content"]
+
+
+def test_uris_without_a_driver_get_the_one_the_env_installs(direct):
+    """postgresql:// would make SQLAlchemy 2.1 load psycopg 3, which the env does not have: the
+    server would not start. The role names psycopg2, the driver MLflow's images ship."""
+    env = direct.file("/etc/mlflow/mlflow.env").content_string
+    ini = direct.file("/etc/mlflow/basic_auth.ini").content_string
+    for key, written in (("mlflow_backend_store_uri", env), ("mlflow_auth_database_uri", ini)):
+        given = var(DIRECT, key)
+        assert given.startswith("postgresql://")
+        assert given.replace("postgresql://", "postgresql+psycopg2://", 1) in written, key
+    assert direct.run(f"curl -s http://127.0.0.1:{var(DIRECT, 'mlflow_port')}/health").stdout == "OK"
+
+
+def test_a_run_limited_to_the_database_keeps_every_servers_access():
+    """pg_hba.conf admits the MLflow hosts by their addresses, facts of hosts that --limit leaves
+    out of the run: they are gathered anyway, so a dry run of the database alone changes nothing."""
+    result = run_playbook("site.yml", "mlflow_db", {}, args=["--check", "--diff"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    recap = re.search(r"^mlflow-db\s+: ok=\d+\s+changed=(\d+)", result.stdout, re.M)
+    assert recap and recap.group(1) == "0", result.stdout[-3000:]
 
 
 def test_the_schema_was_migrated_once_for_the_shared_database(host, direct, db):

@@ -100,7 +100,7 @@ def other_host(name):
     return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
 
 
-def run_playbook(playbook, limit, extra_vars, extra_env=None, timeout=900):
+def run_playbook(playbook, limit, extra_vars, extra_env=None, timeout=900, args=()):
     """Run a playbook of the project (site.yml, ...) against the scenario's inventory, as a user would."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(extra_vars, f)
@@ -109,7 +109,7 @@ def run_playbook(playbook, limit, extra_vars, extra_env=None, timeout=900):
     try:
         return subprocess.run(
             ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], playbook,
-             *(["--limit", limit] if limit else []), "-e", f"@{f.name}"],
+             *(["--limit", limit] if limit else []), "-e", f"@{f.name}", *args],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         )
     finally:

@@ -19,15 +19,22 @@ import configparser
 import contextlib
 import datetime
 import fcntl
+import importlib.metadata
+import importlib.util
 import json
 import os
+import pathlib
 import sys
 
-import mlflow
 import sqlalchemy
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from mlflow.store.db import utils
+
+# `status` reads MLflow's migration scripts from its package without importing MLflow (seconds of
+# CPU on every run of the role); `upgrade` imports it to migrate.
+MLFLOW_DIR = pathlib.Path(importlib.util.find_spec("mlflow").submodule_search_locations[0])
+MIGRATIONS = {"tracking": (MLFLOW_DIR / "store" / "db_migrations", "alembic_version"),
+              "auth": (MLFLOW_DIR / "server" / "auth" / "db" / "migrations", "alembic_version_auth")}
 
 # An arbitrary constant that names "MLflow schema migration" among advisory locks.
 ADVISORY_LOCK_KEY = 0x4D4C464C4F57  # "MLFLOW"
@@ -47,39 +54,28 @@ def stores():
     return found
 
 
-def auth_schema(engine, uri):
-    """(current, head) revision of the basic-auth app's users database."""
-    from mlflow.server.auth.db import utils as auth_utils
-
-    head = ScriptDirectory.from_config(auth_utils._get_alembic_config(uri)).get_current_head()
-    tables = sqlalchemy.inspect(engine).get_table_names()
-    if "users" not in tables:
-        return None, head, "empty"
-    if "alembic_version_auth" not in tables:
-        return None, head, "outdated"
-    with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"version_table": "alembic_version_auth"})
-        current = context.get_current_revision()
-    return current, head, "current" if current == head else "outdated"
-
-
 def safe(uri):
     """The URI with any password masked, for output and logs."""
     return sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
 
 
 def inspect(kind, uri):
-    engine = utils.create_sqlalchemy_engine(uri)
+    """The store's revision against the newest one of this env's MLflow: empty (no MLflow tables
+    yet), outdated or current. A users database made before MLflow versioned it counts as outdated."""
+    scripts, version_table = MIGRATIONS[kind]
+    head = ScriptDirectory(str(scripts)).get_current_head()
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
     try:
-        if kind == "auth":
-            current, head, state = auth_schema(engine, uri)
+        tables = sqlalchemy.inspect(engine).get_table_names()
+        marker = "users" if kind == "auth" else version_table
+        if marker not in tables:
+            current, state = None, "empty"
+        elif version_table not in tables:
+            current, state = None, "outdated"
         else:
-            head = utils._get_latest_schema_revision()
-            if not sqlalchemy.inspect(engine).has_table("alembic_version"):
-                current, state = None, "empty"
-            else:
-                current = utils._get_schema_version(engine)
-                state = "current" if current == head else "outdated"
+            with engine.connect() as conn:
+                current = MigrationContext.configure(conn, opts={"version_table": version_table}).get_current_revision()
+            state = "current" if current == head else "outdated"
         return {"kind": kind, "uri": safe(uri), "revision": current, "latest": head, "state": state}
     finally:
         engine.dispose()
@@ -104,6 +100,9 @@ def migration_lock(uri, engine):
 
 
 def upgrade(kind, uri, log_path):
+    import mlflow
+    from mlflow.store.db import utils
+
     engine = utils.create_sqlalchemy_engine(uri)
     try:
         with migration_lock(uri, engine):
@@ -125,7 +124,7 @@ def upgrade(kind, uri, log_path):
     with open(log_path, "a") as log:
         log.write(
             f"{stamp} migrated {kind} store {after['uri']} from {before['revision']} to {after['revision']}"
-            f" with mlflow {mlflow.__version__}\n"
+            f" with mlflow {importlib.metadata.version('mlflow')}\n"
         )
     return {**after, "previous": before["revision"], "migrated": True}
 
@@ -139,7 +138,7 @@ def main(argv):
     else:
         log_path = os.environ.get("MLFLOW_DB_MIGRATION_LOG", "db-migrations.log")
         result = [upgrade(kind, uri, log_path) for kind, uri in stores()]
-    print(json.dumps({"mlflow": mlflow.__version__, "stores": result}))
+    print(json.dumps({"mlflow": importlib.metadata.version("mlflow"), "stores": result}))
     return 0
 
 
