@@ -48,7 +48,7 @@ FINAL = role_defaults("mlflow")["mlflow_version"]
 # request: 0.1-0.15 s of CPU here).
 CONCURRENCY = 4
 LOAD = {"username": USER, "password": PASSWORD, "ca_file": CA, "concurrency": CONCURRENCY, "think": 2.0, "duration": 900,
-        "max_requests": 10**6, "warmup": 1, "timeout": 60, "seed_runs": 100, "record_writes": True}
+        "max_requests": 10**6, "warmup": 1, "timeout": 60, "seed_runs": 25, "record_writes": True}
 BEHIND_LB = "mlflow_lb,mlflow_lb_backends"
 # What every step converges with besides its own change (so that no step undoes another).
 STEP_VARS = {"mlflow_env_extra": {"MLFLOW_TEST_ROLLING_STEP": "configuration-changed"}}
