@@ -115,10 +115,13 @@ def inventory(workdir: pathlib.Path, db_password: str) -> pathlib.Path:
         "mlflow_ca_bundle_src": os.environ.get("MLFLOW_CA_BUNDLE", ""),
         "mlflow_local_cache_path": str(ROOT / ".cache" / "controller"),
     }
+    # The database's only client is the benchmark host itself (site.yml gathers the addresses of a
+    # database's clients even outside --limit, and the deploy hosts come and go).
     bench = {"mlflow_db_type": "postgresql", "mlflow_db_host": "127.0.0.1", "mlflow_db_password": db_password,
-             "postgresql_mlflow_password": db_password}
+             "postgresql_mlflow_password": db_password, "postgresql_mlflow_clients_group": "mlflow_bench"}
     data = {"all": {"vars": {"ansible_connection": "community.docker.docker", **common}, "children": {
         "mlflow": {"hosts": {BENCH_HOST: bench, **{h: {} for h in DEPLOY_HOSTS}}},
+        "mlflow_bench": {"hosts": {BENCH_HOST: {}}},
         "mlflow_db": {"hosts": {BENCH_HOST: {}}}}}}
     path = workdir / "inventory.json"
     path.write_text(json.dumps(data))
@@ -241,7 +244,9 @@ def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
     idle_memory, _ = unit_sample(unit)
     sampler = Sampler(unit)
     sampler.start()
-    loadgen.seed(url, allow_hosts=[ip], seed_runs=args.seed_runs, timeout=120)
+    # Every operation's data, the 200 MB file to download included (not in seed()'s default set).
+    loadgen.seed(url, ops=[op for op in loadgen.OPERATIONS if op != "mixed"], allow_hosts=[ip],
+                 seed_runs=args.seed_runs, timeout=120)
     ops, connections = {}, []
     for op in OPS:
         concurrency = args.big_concurrency if op in BIG else 32 if op in DOUBLE else 16
