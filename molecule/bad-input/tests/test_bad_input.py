@@ -10,7 +10,7 @@ import concurrent.futures
 import tempfile
 
 import pytest
-from mlflow_testlib import ROOT, other_host, role_vars, run_playbook
+from mlflow_testlib import ROOT, other_host, port_held, role_defaults, role_vars, run_playbook
 
 DOUBLE = ROOT / "files" / "test-doubles" / "Miniconda3-offline-test-double.sh"
 testinfra_hosts = ["ansible://mlflow-bad"]
@@ -21,6 +21,10 @@ CASES = [
     ("port-out-of-range", {"mlflow_port": 70000}, ["mlflow_port", "between 1 and 65535"]),
     ("port-not-a-number", {"mlflow_port": "http"}, ["mlflow_port", "int"]),
     ("negative-workers", {"mlflow_workers": -1}, ["mlflow_workers", "at least 1, or 0 for one per vCPU"]),
+    ("bind-address-not-an-address", {"mlflow_host": "not-an-ip"},
+     ["mlflow_host 'not-an-ip'", "neither a wildcard", "nor an address of mlflow-bad"]),
+    ("bind-address-of-another-host", {"mlflow_host": "192.0.2.10"},
+     ["mlflow_host '192.0.2.10'", "nor an address of mlflow-bad"]),
     ("unknown-backend-scheme", {"mlflow_backend_store_uri": "mongodb://db.example.com/mlflow"},
      ["mlflow_backend_store_uri", "postgresql"]),
     ("unknown-db-type", {"mlflow_db_type": "oracle"}, ["mlflow_db_type", "sqlite, postgresql"]),
@@ -146,4 +150,25 @@ def test_a_foreign_miniconda_prefix_is_neither_used_nor_removed(host):
         assert host.file("/opt/miniconda3/envs/team/data.txt").content_string == "keep\n"
     finally:
         host.run("rm -rf /opt/miniconda3")
+    assert_untouched(host)
+
+
+def test_preflight_runs_whatever_tags_are_given(host):
+    """--tags mlflow_configure (only the configuration step) still validates first."""
+    result = run_playbook("site.yml", "mlflow-bad", {"mlflow_port": 70000}, args=("--tags", "mlflow_configure"))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "mlflow_port must be between 1 and 65535" in output, output[-3000:]
+    assert_untouched(host)
+
+
+def test_a_port_held_by_another_process_stops_in_preflight(host):
+    port = role_defaults("mlflow")["mlflow_port"]
+    with port_held(host, port) as unit:
+        result = run_site("mlflow-bad", {})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "TASK [mlflow : Assert that no other process holds MLflow's port]" in output
+    for text in (f"Port {port} of mlflow-bad is held by", "python3", unit, "set mlflow_port to a free port"):
+        assert text in output, (text, output[-3000:])
     assert_untouched(host)

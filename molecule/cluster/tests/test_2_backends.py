@@ -7,7 +7,9 @@ mlflow-app-1; the other instances are reached with other_host().
 import base64
 import json
 import os
+import pathlib
 import re
+import time
 import urllib.parse
 import uuid
 
@@ -100,6 +102,15 @@ def test_the_env_of_the_previous_release_is_kept_for_a_rollback(host):
     assert kept.is_symlink and kept.linked_to.startswith(f"{prefix}-{SCHEMA_VERSION}-"), kept.linked_to
     assert host.file(f"{kept.linked_to}/bin/mlflow").exists
     assert host.file(prefix).linked_to.startswith(f"{prefix}-{NEW_VERSION}-")
+    # The env of the first release (two upgrades ago) is deleted, in the background: nothing else
+    # is left in envs/ once that is done.
+    envs = pathlib.PurePath(prefix).parent
+    expected = sorted(pathlib.PurePath(p).name for p in (prefix, f"{prefix}.previous", kept.linked_to,
+                                                         host.file(prefix).linked_to))
+    deadline = time.monotonic() + 120
+    while (listing := sorted(host.run(f"ls -A {envs}").stdout.split())) != expected and time.monotonic() < deadline:
+        time.sleep(2)
+    assert listing == expected
 
 
 def test_backend_uri_has_no_password_and_the_password_is_in_pgpassword(host):
@@ -178,6 +189,52 @@ def test_uris_without_a_driver_get_the_one_the_env_installs(direct):
         assert given.startswith("postgresql://")
         assert given.replace("postgresql://", "postgresql+psycopg2://", 1) in written, key
     assert direct.run(f"curl -s http://127.0.0.1:{var(DIRECT, 'mlflow_port')}/health").stdout == "OK"
+
+
+def test_a_wrong_database_password_is_rolled_back_to_the_configuration_that_served(direct):
+    """Only the running server finds a wrong password out: it exits at start; the play puts the last
+    configuration that served back, restarts it, and fails naming the cause. Nothing logged is lost."""
+    local = f"http://127.0.0.1:{var(DIRECT, 'mlflow_port')}"
+    # Runs and metrics (the direct host's artifacts go to S3 from the client, which needs S3 keys).
+    logged = run_python(direct, f"""
+from mlflow.tracking import MlflowClient
+c = MlflowClient("{local}")
+run = c.create_run(c.create_experiment("before-a-bad-password-{uuid.uuid4().hex[:8]}"))
+c.log_param(run.info.run_id, "alpha", "0.5")
+c.log_metric(run.info.run_id, "loss", 0.25)
+print(run.info.run_id)
+""", env=ADMIN)
+    assert logged.rc == 0, logged.stderr[-3000:]
+    run_id = logged.stdout.strip().splitlines()[-1]
+    files = ("/etc/mlflow/mlflow.env", "/etc/mlflow/basic_auth.ini", "/etc/systemd/system/mlflow.service")
+    before = {p: direct.file(p).sha256sum for p in files}
+    wrong = f"Wrong-Pg-Password-{uuid.uuid4().hex[:8]}"
+
+    result = run_playbook("site.yml", DIRECT, {"mlflow_db_password": wrong})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert wrong not in output, "the password given reached the play's output"
+    assert "TASK [mlflow : Go back to the last configuration that served]" in output, output[-3000:]
+    message = output[output.index("The change was not applied"):]
+    assert re.search("exit(ed|ing) at start", message) and "answers OK on /health again" in message, message[:3000]
+    assert "password authentication failed" in message, message[:3000]
+
+    # On disk and running: the configuration that served before.
+    assert {p: direct.file(p).sha256sum for p in files} == before
+    assert direct.run(f"curl -s {local}/health").stdout == "OK"
+    same = direct.run("python3 -c \"import os, subprocess; "
+                      "pid = subprocess.run(['systemctl', 'show', 'mlflow', '-p', 'MainPID', '--value'], "
+                      "capture_output=True, text=True).stdout.strip(); "
+                      "running = [l for l in open(f'/proc/{pid}/environ').read().split(chr(0)) if l.startswith('PGPASSWORD=')]; "
+                      "written = [l.replace(chr(34), '') for l in open('/etc/mlflow/mlflow.env').read().splitlines() "
+                      "if l.startswith('PGPASSWORD=')]; print(running == written and len(running) == 1)\"")
+    assert same.stdout.strip() == "True", same.stdout + same.stderr
+    read = f"""
+from mlflow.tracking import MlflowClient
+print(MlflowClient("{local}").get_run("{run_id}").data.params)
+"""
+    out = run_python(direct, read, env=ADMIN)
+    assert out.rc == 0 and "alpha" in out.stdout, out.stderr
 
 
 def test_a_run_limited_to_the_database_keeps_every_servers_access():

@@ -5,9 +5,10 @@ import re
 import uuid
 
 import pytest
-from mlflow_testlib import ROOT, client_script, env_prefix, env_python, journal, run_python, var
+from mlflow_testlib import ROOT, client_script, env_prefix, env_python, journal, port_held, run_playbook, run_python, var
 
 NAME = "mlflow-molecule"
+testinfra_hosts = [f"ansible://{NAME}"]
 DATA_DIR = var(NAME, "mlflow_data_dir")
 CONFIG_DIR = var(NAME, "mlflow_config_dir")
 PREFIX = var(NAME, "mlflow_conda_prefix")
@@ -39,6 +40,10 @@ def test_service_user_is_a_nologin_system_user(host):
         (f"{PREFIX}/.mlflow-installer.sha256", "root", "root", 0o644),
         ("/usr/local/libexec/mlflow", "root", "root", 0o755),
         ("/usr/local/libexec/mlflow/mlflow_db.py", "root", "root", 0o755),
+        ("/usr/local/libexec/mlflow/mlflow_health.py", "root", "root", 0o755),
+        # The last configuration that served, for a rollback: root only (mlflow.env holds secrets).
+        (f"{CONFIG_DIR}/last-good", "root", "root", 0o700),
+        (f"{CONFIG_DIR}/last-good/mlflow.env", "root", "root", 0o600),
     ],
 )
 def test_files_written_by_the_role(host, path, user, group, mode):
@@ -228,3 +233,50 @@ def test_client_round_trip(host, running_service):
     # And the run is in the SQLite database under the data directory.
     db = host.file(f"{DATA_DIR}/mlflow.db")
     assert db.exists and db.user == "mlflow"
+
+
+def test_the_last_configuration_that_served_is_kept(host, running_service):
+    manifest = json.loads(host.file(f"{CONFIG_DIR}/last-good/manifest.json").content_string)
+    assert {f["path"] for f in manifest["files"]} == {ENV_FILE, UNIT}
+    for f in manifest["files"]:
+        assert host.file(f"{CONFIG_DIR}/last-good/{f['name']}").sha256sum == host.file(f["path"]).sha256sum
+    assert manifest["env"] == host.file(ENV).linked_to
+    assert manifest["health_url"] == f"http://127.0.0.1:{PORT}/health"
+    assert manifest["version"] == var(NAME, "mlflow_version")
+
+
+def test_a_change_to_a_port_another_process_holds_stops_before_anything_changes(host, running_service):
+    other = PORT + 1
+    files = {p: host.file(p).sha256sum for p in (ENV_FILE, UNIT)}
+    pid = host.run("systemctl show mlflow -p MainPID --value").stdout.strip()
+    with port_held(host, other) as unit:
+        result = run_playbook("site.yml", NAME, {"mlflow_port": other})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert f"Port {other} of {NAME} is held by python3" in output and unit in output, output[-3000:]
+    assert "changed=0" in output, output[-3000:]
+    assert {p: host.file(p).sha256sum for p in files} == files
+    assert host.run("systemctl show mlflow -p MainPID --value").stdout.strip() == pid
+    assert host.run(f"curl -sS http://127.0.0.1:{PORT}/health").stdout.strip() == "OK"
+
+
+def test_a_change_that_fails_before_the_restart_is_taken_back_and_the_server_keeps_running(host, running_service):
+    """A database MLflow cannot open fails the schema step, after mlflow.env was written and before
+    any restart: the file is put back, so what is on disk is again what runs. On a host that an
+    earlier release of the role set up (no last-good/ yet), what runs is kept before anything changes."""
+    files = {p: host.file(p).sha256sum for p in (ENV_FILE, UNIT)}
+    assert host.run(f"rm -r {CONFIG_DIR}/last-good").rc == 0
+    pid = host.run("systemctl show mlflow -p MainPID --value").stdout.strip()
+    result = run_playbook("site.yml", NAME, {"mlflow_backend_store_uri": "sqlite:////nonexistent/mlflow.db"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "TASK [mlflow : Go back to the last configuration that served]" in output, output[-3000:]
+    message = output[output.index("The change was not applied"):]
+    assert "Read the schema revision" in message and "MLflow kept running with it" in message, message[:3000]
+    assert {p: host.file(p).sha256sum for p in files} == files
+    assert host.run("systemctl show mlflow -p MainPID --value").stdout.strip() == pid
+    assert host.run(f"curl -sS http://127.0.0.1:{PORT}/health").stdout.strip() == "OK"
+    # What was kept before the change: the files that ran, and where the server that ran listens.
+    kept = json.loads(host.file(f"{CONFIG_DIR}/last-good/manifest.json").content_string)
+    assert {f["path"] for f in kept["files"]} == set(files)
+    assert kept["health_url"] == f"http://127.0.0.1:{PORT}/health"

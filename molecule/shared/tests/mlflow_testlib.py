@@ -5,12 +5,14 @@ Tests take their inputs (secrets, versions, counts) from the scenario's inventor
 defaults through `hostvars()`, never from copies: if an input changes, the tests follow it.
 """
 
+import contextlib
 import functools
 import json
 import os
 import pathlib
 import subprocess
 import tempfile
+import time
 
 import pytest
 import testinfra
@@ -114,3 +116,18 @@ def run_playbook(playbook, limit, extra_vars, extra_env=None, timeout=900, args=
         )
     finally:
         os.unlink(f.name)
+
+
+@contextlib.contextmanager
+def port_held(host, port, unit="another-web-app.service"):
+    """Another program (python3's http.server, as the systemd unit `unit`) listens on the port."""
+    assert host.run(f"systemd-run --unit={unit} python3 -m http.server {port}").rc == 0
+    try:
+        probe = f"python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}))'"
+        for _ in range(50):
+            if host.run(probe).rc == 0:
+                break
+            time.sleep(0.2)
+        yield unit
+    finally:
+        host.run(f"systemctl stop {unit}")

@@ -1,4 +1,4 @@
-"""An air-gapped host, deployed from a carried wheelhouse and the Miniconda installer alone."""
+"""mlflow-airgap: an air-gapped host, deployed from a carried wheelhouse and the Miniconda installer alone."""
 
 import io
 import json
@@ -12,6 +12,7 @@ import pytest
 from mlflow_testlib import ROOT, client_script, env_prefix, journal, require_running, run_playbook, run_python, var
 
 NAME = "mlflow-airgap"
+testinfra_hosts = [f"ansible://{NAME}"]
 PORT = var(NAME, "mlflow_port")
 CARRIED = pathlib.Path(var(NAME, "test_carried_dir"))
 LOCK_DIR = pathlib.Path(var(NAME, "mlflow_pip_lock_dir"))

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Wait until the MLflow service answers OK on /health, or say why it will not.
+
+    mlflow_health.py --url https://127.0.0.1:5000/health --unit mlflow.service --timeout 180
+
+Polls /health once a second. Gives up early when the server cannot come up, since waiting out the
+timeout would only prolong the outage: when systemd has restarted the unit more than
+--max-restarts times since it was last started (the server exits at start: a wrong password, an
+unreachable database), when the unit has failed for good, or when more than --max-restarts
+tracebacks were logged by this start of the unit (uvicorn's supervisor restarts workers that die
+at start, such as on a key that does not match its certificate, without ever exiting itself).
+Prints one line of JSON: {"healthy": bool, "seconds": float, "reason": str, "state": {...}};
+exits 0 when healthy, 1 otherwise. Standard library only; runs with the host's Python.
+"""
+import argparse
+import json
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def unit_state(unit):
+    out = subprocess.run(["systemctl", "show", unit, "-p", "ActiveState", "-p", "SubState", "-p", "NRestarts",
+                          "-p", "Result", "-p", "ExecMainStatus", "-p", "MainPID", "-p", "InvocationID"],
+                         capture_output=True, text=True, check=False).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def tracebacks(invocation):
+    """Tracebacks logged by the processes of this start of the unit."""
+    if not invocation:
+        return 0
+    out = subprocess.run(["journalctl", f"_SYSTEMD_INVOCATION_ID={invocation}", "--output=cat", "--no-pager"],
+                         capture_output=True, text=True, check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("Traceback (most recent call last)"))
+
+
+def probe(url, context):
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
+            return response.status == 200 and response.read().decode().strip() == "OK", f"HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        return False, f"HTTP {error.code}"
+    except (OSError, ValueError) as error:
+        return False, str(getattr(error, "reason", error))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--unit", default="mlflow.service")
+    parser.add_argument("--timeout", type=float, default=180)
+    parser.add_argument("--max-restarts", type=int, default=2)
+    args = parser.parse_args()
+    # The host's own loopback address is not a name on its certificate.
+    context = ssl._create_unverified_context()  # noqa: S323
+    start = time.monotonic()
+    reason, state = "", {}
+    while True:
+        healthy, answer = probe(args.url, context)
+        elapsed = round(time.monotonic() - start, 1)
+        if healthy:
+            print(json.dumps({"healthy": True, "seconds": elapsed, "reason": "", "state": unit_state(args.unit)}))
+            return 0
+        state = unit_state(args.unit)
+        restarts = int(state.get("NRestarts") or 0)
+        if state.get("ActiveState") == "failed":
+            reason = (f"{args.unit} failed ({state.get('Result')}, exit status {state.get('ExecMainStatus')}) "
+                      f"and systemd gave up restarting it")
+        elif restarts > args.max_restarts:
+            reason = (f"{args.unit} exited at start {restarts} times (last exit status "
+                      f"{state.get('ExecMainStatus')}): it will not become healthy")
+        elif (errors := tracebacks(state.get("InvocationID"))) > args.max_restarts:
+            reason = (f"{args.unit}'s server processes keep exiting at start ({errors} tracebacks in the journal "
+                      f"of this start): it will not become healthy")
+        elif elapsed >= args.timeout:
+            reason = f"{args.url} did not answer OK within {args.timeout:.0f} s (last answer: {answer})"
+        if reason:
+            print(json.dumps({"healthy": False, "seconds": elapsed, "reason": reason, "state": state}))
+            return 1
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
