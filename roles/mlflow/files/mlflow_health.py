@@ -8,7 +8,9 @@ timeout would only prolong the outage: when systemd has restarted the unit more 
 --max-restarts times since it was last started (the server exits at start: a wrong password, an
 unreachable database), when the unit has failed for good, or when more than --max-restarts
 tracebacks were logged by this start of the unit (uvicorn's supervisor restarts workers that die
-at start, such as on a key that does not match its certificate, without ever exiting itself).
+at start, such as on a key that does not match its certificate, without ever exiting itself), or
+when MLflow failed to connect to its database more than --max-restarts + 1 times (a wrong
+password: MLflow retries for minutes with a growing back-off).
 Prints one line of JSON: {"healthy": bool, "seconds": float, "reason": str, "state": {...}};
 exits 0 when healthy, 1 otherwise. Standard library only; runs with the host's Python.
 """
@@ -29,13 +31,18 @@ def unit_state(unit):
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def tracebacks(invocation):
-    """Tracebacks logged by the processes of this start of the unit."""
+# MLflow logs this, and retries with a growing back-off for minutes, when its database refuses it.
+DB_REFUSED = "SQLAlchemy engine could not be created"
+
+
+def journal_errors(invocation):
+    """(tracebacks, failed database connections) logged by the processes of this start of the unit."""
     if not invocation:
-        return 0
+        return 0, 0
     out = subprocess.run(["journalctl", f"_SYSTEMD_INVOCATION_ID={invocation}", "--output=cat", "--no-pager"],
-                         capture_output=True, text=True, check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("Traceback (most recent call last)"))
+                         capture_output=True, text=True, check=False).stdout.splitlines()
+    return (sum(1 for line in out if line.startswith("Traceback (most recent call last)")),
+            sum(1 for line in out if DB_REFUSED in line))
 
 
 def probe(url, context):
@@ -73,9 +80,12 @@ def main():
         elif restarts > args.max_restarts:
             reason = (f"{args.unit} exited at start {restarts} times (last exit status "
                       f"{state.get('ExecMainStatus')}): it will not become healthy")
-        elif (errors := tracebacks(state.get("InvocationID"))) > args.max_restarts:
-            reason = (f"{args.unit}'s server processes keep exiting at start ({errors} tracebacks in the journal "
+        elif (errors := journal_errors(state.get("InvocationID")))[0] > args.max_restarts:
+            reason = (f"{args.unit}'s server processes keep exiting at start ({errors[0]} tracebacks in the journal "
                       f"of this start): it will not become healthy")
+        elif errors[1] > args.max_restarts + 1:
+            reason = (f"{args.unit} cannot connect to its database ({errors[1]} attempts failed at start, see the "
+                      f"journal): it will not become healthy")
         elif elapsed >= args.timeout:
             reason = f"{args.url} did not answer OK within {args.timeout:.0f} s (last answer: {answer})"
         if reason:
