@@ -1,6 +1,7 @@
 """Hash-locked Python packages for the MLflow conda env: one wheel per package, per Python and architecture.
 
-    lock.py generate [--mlflow V] [--psycopg2 V] [--boto3 V] [--uv V] [--python 3.11 ...] [--arch x86_64 ...] [--out-dir DIR] [--extra PKG==V ...]
+    lock.py generate [--mlflow V] [--psycopg2 V] [--boto3 V] [--uv V] [--prometheus-flask-exporter V]
+                     [--python 3.11 ...] [--arch x86_64 ...] [--out-dir DIR] [--extra PKG==V ...] [--upgrade]
     lock.py bump V      set mlflow_version in the role's defaults and specs, lock it, drop the old default locks
     lock.py check       offline lint: the role's locks match its pinned versions, every lock is well formed
 
@@ -11,7 +12,9 @@ of that platform prefers, by the same tag priority pip and uv use. Each lock lin
 file's sha256, and the comment above it the file's name, so a wheelhouse is reproducible to the
 byte and a changed file is refused. Locks are written as
 `<out-dir>/mlflow-<version>-py<X.Y>-<arch>.txt`; their header names the top-level requirements,
-which the role compares with its variables before it uses a lock.
+which the role compares with its variables before it uses a lock. A lock that is made again keeps
+the versions of the one it replaces wherever the requirements allow (a new requirement adds its
+own packages and changes nothing else), unless --upgrade is given.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def requires(pins: dict) -> list[str]:
     """The top-level requirements of the env, as the role states them (see _mlflow_requires)."""
     return ([f"mlflow[auth]=={pins['mlflow_version']}", f"psycopg2-binary=={pins['mlflow_psycopg2_version']}",
              f"boto3=={pins['mlflow_boto3_version']}", f"uv=={pins['mlflow_uv_version']}"]
+            + [f"prometheus-flask-exporter=={pins['mlflow_prometheus_flask_exporter_version']}"]
             + list(pins.get("mlflow_pip_extra_packages") or []))
 
 
@@ -105,14 +109,20 @@ def best_wheel(name: str, version: str, allowed: set[str], ranking: dict[tags.Ta
     return {"name": name, "version": version, "filename": filename, "sha256": sha256}
 
 
-def resolve(reqs: list[str], python: str, arch: str) -> list[dict]:
+def resolve(reqs: list[str], python: str, arch: str, keep: dict[str, str] | None = None) -> list[dict]:
+    """Pins and wheels for reqs; `keep` (name -> version, from the lock being replaced) constrains
+    every package that is not itself a top-level requirement."""
     uv = shutil.which("uv") or str(pathlib.Path(sys.executable).with_name("uv"))
+    top = {canonicalize_name(r.split("==")[0].split("[")[0]) for r in reqs}
     with tempfile.TemporaryDirectory() as tmp:
         source, output = pathlib.Path(tmp, "requirements.in"), pathlib.Path(tmp, "requirements.txt")
+        constraints = pathlib.Path(tmp, "constraints.txt")
         source.write_text("\n".join(reqs) + "\n")
+        constraints.write_text("".join(f"{name}=={version}\n" for name, version in sorted((keep or {}).items())
+                                       if name not in top))
         subprocess.run([uv, "pip", "compile", "--quiet", "--generate-hashes", "--no-header", "--no-annotate",
                         "--python-version", python, "--python-platform", f"{arch}-manylinux_2_{GLIBC_MINOR}",
-                        "--output-file", str(output), str(source)], check=True)
+                        "--constraint", str(constraints), "--output-file", str(output), str(source)], check=True)
         text = output.read_text().replace("\\\n", " ")
     ranking = {t: i for i, t in enumerate(supported_tags(python, arch))}
     wanted = []
@@ -141,7 +151,7 @@ def write_lock(path: pathlib.Path, reqs: list[str], python: str, arch: str, pinn
 
 
 def generate(pins_given: dict, pythons: list[str], archs: list[str], out_dir: pathlib.Path,
-             extra: list[str]) -> list[pathlib.Path]:
+             extra: list[str], upgrade: bool = False) -> list[pathlib.Path]:
     pins = yaml.safe_load(DEFAULTS.read_text())
     pins.update({k: v for k, v in pins_given.items() if v})
     pins["mlflow_pip_extra_packages"] = extra or pins.get("mlflow_pip_extra_packages") or []
@@ -151,7 +161,9 @@ def generate(pins_given: dict, pythons: list[str], archs: list[str], out_dir: pa
     for python in pythons:
         for arch in archs:
             path = out_dir / lock_name(pins["mlflow_version"], python, arch)
-            write_lock(path, reqs, python, arch, resolve(reqs, python, arch))
+            keep = {} if upgrade or not path.exists() else {
+                canonicalize_name(p["name"]): p["version"] for p in read_lock(path)["packages"]}
+            write_lock(path, reqs, python, arch, resolve(reqs, python, arch, keep))
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
             written.append(path)
     return written
@@ -220,6 +232,8 @@ def main(argv: list[str]) -> int:
     gen.add_argument("--psycopg2", help="default: the role's mlflow_psycopg2_version")
     gen.add_argument("--boto3", help="default: the role's mlflow_boto3_version")
     gen.add_argument("--uv", help="default: the role's mlflow_uv_version")
+    gen.add_argument("--prometheus-flask-exporter", help="default: the role's mlflow_prometheus_flask_exporter_version")
+    gen.add_argument("--upgrade", action="store_true", help="newest versions, not those of the lock replaced")
     gen.add_argument("--python", nargs="+", default=PYTHONS)
     gen.add_argument("--arch", nargs="+", default=ARCHS, choices=ARCHS)
     gen.add_argument("--out-dir", type=pathlib.Path, default=ROLE_LOCKS)
@@ -229,8 +243,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         pins = {"mlflow_version": args.mlflow, "mlflow_psycopg2_version": args.psycopg2,
-                "mlflow_boto3_version": args.boto3, "mlflow_uv_version": args.uv}
-        generate(pins, args.python, args.arch, args.out_dir.resolve(), args.extra)
+                "mlflow_boto3_version": args.boto3, "mlflow_uv_version": args.uv,
+                "mlflow_prometheus_flask_exporter_version": args.prometheus_flask_exporter}
+        generate(pins, args.python, args.arch, args.out_dir.resolve(), args.extra, args.upgrade)
     elif args.command == "bump":
         bump(args.version)
     else:

@@ -272,6 +272,51 @@ class HealthWatch(threading.Thread):
         return (self.down[-1] - self.down[0] + 0.25) if self.down else 0.0
 
 
+class ApiWatch(HealthWatch):
+    """Polls a request that needs the database (search-experiments) through the balancer, as the admin."""
+
+    def run(self):
+        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        request = urllib.request.Request(f"{URL}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Authorization": f"Basic {token}"})
+        while not self.stop.is_set():
+            try:
+                with urllib.request.urlopen(request, timeout=5, context=self.context) as r:
+                    ok = r.status == 200
+            except OSError:
+                ok = False
+            if not ok:
+                self.down.append(time.monotonic())
+            time.sleep(0.25)
+
+
+def test_step_2b_a_restart_of_postgresql_costs_seconds_and_no_restart_of_mlflow():
+    """MLflow's pool checks a connection before it uses it (pool_pre_ping): the requests that meet the
+    restart fail, the next ones reconnect, and no server restarts."""
+    db = other_host("mlflow-db")
+    pids = main_pids()
+    watch = ApiWatch()
+    with loadgen.background_load(URL, "mixed", **LOAD) as load:
+        watch.start()
+        time.sleep(5)
+        began = time.monotonic()
+        assert db.run("systemctl restart postgresql").rc == 0
+        took = time.monotonic() - began
+        time.sleep(10)
+        watch.stop.set()
+        watch.join()
+    d = settle(load.report, f"a restart of PostgreSQL (systemctl restart: {took:.1f} s)")
+    RECORD.extend(load.record)
+    failed_for = watch.window()
+    print(f"requests that need the database failed for {failed_for:.1f} s; MLflow was not restarted")
+    assert main_pids() == pids
+    # Failures only while PostgreSQL restarted, none once it was back.
+    assert all(t <= began + took + 5 for t in watch.down), [round(t - began, 1) for t in watch.down]
+    assert d["total_requests"] > d["total_errors"]
+    missing = loadgen.verify_writes(URL, load.record, username=USER, password=PASSWORD, ca_file=CA)
+    assert missing.ok, missing.as_dict()
+
+
 def test_step_3_a_training_loop_runs_across_a_schema_changing_upgrade(host):
     # Data logged with the old release, read back by test_2_backends.py after the upgrade.
     out = run_python(host, client_script(), "http://127.0.0.1:5000", "before-upgrade",

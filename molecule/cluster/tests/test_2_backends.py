@@ -276,7 +276,7 @@ def test_a_backup_was_taken_before_the_migration(host, direct):
         (h, f.strip())
         for h in (host, other_host("mlflow-app-2"), direct)
         for f in h.run("ls /var/backups/mlflow/ 2>/dev/null").stdout.splitlines()
-        if f.strip()
+        if f.strip().endswith(".dump")
     ]
     assert len(dumps) == 1, dumps
     h, name = dumps[0]
@@ -286,6 +286,30 @@ def test_a_backup_was_taken_before_the_migration(host, direct):
     assert "TABLE public runs" in listing.stdout
     f = h.file(f"/var/backups/mlflow/{name}")
     assert f.user == "mlflow" and f.mode & 0o007 == 0
+
+
+def test_the_shared_database_is_backed_up_by_one_of_its_servers(host, second, direct):
+    """mlflow-app-1 is the first server of the shared database in the group mlflow; mlflow-app-direct
+    has databases of its own. The dumps restore (pg_restore reads them), S3 artifacts are named, not copied."""
+    assert host.run("systemctl is-enabled mlflow-backup.timer").stdout.strip() == "enabled"
+    assert second.run("systemctl cat mlflow-backup.timer").rc != 0
+    assert direct.run("systemctl is-enabled mlflow-backup.timer").stdout.strip() == "enabled"
+    started = host.run("systemctl start mlflow-backup.service")
+    log = host.run("journalctl -u mlflow-backup --no-pager -o cat").stdout
+    assert started.rc == 0, started.stderr + log[-3000:]
+    for secret in SECRETS:
+        assert secret not in log
+    backup_dir = var(APP, "mlflow_db_backup_dir")
+    newest = sorted(d for d in host.run(f"ls -1 {backup_dir}").stdout.split() if not d.endswith(".dump"))[-1]
+    manifest = json.loads(host.file(f"{backup_dir}/{newest}/manifest.json").content_string)
+    assert [(s["role"], s["engine"]) for s in manifest["stores"]] == [("backend", "postgresql"), ("auth", "postgresql")]
+    assert manifest["artifacts"] == {"destination": f"s3://{BUCKET}/{var(APP, 'mlflow_s3_prefix')}", "file": None}
+    assert DB_PASSWORD not in host.file(f"{backup_dir}/{newest}/manifest.json").content_string
+    for store, table in zip(manifest["stores"], ("runs", "users")):
+        path = f"{backup_dir}/{newest}/{store['file']}"
+        assert host.file(path).sha256sum == store["sha256"]
+        listing = host.run(f"pg_restore --list {path}")
+        assert listing.rc == 0 and f"TABLE public {table} " in listing.stdout, listing.stdout[-2000:] + listing.stderr
 
 
 def test_data_logged_before_the_upgrade_reads_back(host, s3):

@@ -41,6 +41,13 @@ def test_service_user_is_a_nologin_system_user(host):
         ("/usr/local/libexec/mlflow", "root", "root", 0o755),
         ("/usr/local/libexec/mlflow/mlflow_db.py", "root", "root", 0o755),
         ("/usr/local/libexec/mlflow/mlflow_health.py", "root", "root", 0o755),
+        ("/usr/local/libexec/mlflow/mlflow_ops.py", "root", "root", 0o755),
+        # The timers of backups and gc; the backups are the service user's.
+        ("/etc/systemd/system/mlflow-backup.service", "root", "root", 0o644),
+        ("/etc/systemd/system/mlflow-backup.timer", "root", "root", 0o644),
+        ("/etc/systemd/system/mlflow-gc.service", "root", "root", 0o644),
+        ("/etc/systemd/system/mlflow-gc.timer", "root", "root", 0o644),
+        (var(NAME, "mlflow_db_backup_dir"), "mlflow", "mlflow", 0o750),
         # The last configuration that served, for a rollback: root only (mlflow.env holds secrets).
         (f"{CONFIG_DIR}/last-good", "root", "root", 0o700),
         (f"{CONFIG_DIR}/last-good/mlflow.env", "root", "root", 0o600),

@@ -40,18 +40,24 @@ MIGRATIONS = {"tracking": (MLFLOW_DIR / "store" / "db_migrations", "alembic_vers
 ADVISORY_LOCK_KEY = 0x4D4C464C4F57  # "MLFLOW"
 
 
-def stores():
-    """(kind, uri) of every database: 'tracking' (with the registry) or 'auth'."""
-    found = [("tracking", os.environ["MLFLOW_BACKEND_STORE_URI"])]
+def database_uris():
+    """(role, uri) of every database: the backend, the registry when it is another database, and
+    the users database of the basic-auth app (also read by mlflow_ops.py)."""
+    found = [("backend", os.environ["MLFLOW_BACKEND_STORE_URI"])]
     registry = os.environ.get("MLFLOW_REGISTRY_STORE_URI", "")
     if registry and registry != found[0][1]:
-        found.append(("tracking", registry))
+        found.append(("registry", registry))
     auth_config = os.environ.get("MLFLOW_AUTH_CONFIG_PATH", "")
     if auth_config:
         parser = configparser.ConfigParser()
         parser.read(auth_config)
         found.append(("auth", parser["mlflow"]["database_uri"]))
     return found
+
+
+def stores():
+    """(kind, uri) of every database: 'tracking' (with the registry) or 'auth'."""
+    return [("auth" if role == "auth" else "tracking", uri) for role, uri in database_uris()]
 
 
 def safe(uri):
