@@ -1,14 +1,15 @@
 """Changes and failures of the servers behind the balancer, under load (bench/loadgen.py).
 
 The steps run in order and leave the cluster on the role's release for test_2_backends.py:
-1. a configuration change that restarts every server, rolling: no failed request;
-2. kill -9 of a server's main process, and a stop of a server's container: the requests in flight
+1. kill -9 of a server's main process, and a stop of a server's container: the requests in flight
    at that instant may fail at the HTTP level (counted); MLflow's own client (with its retries) sees
-   no failure;
-3. a schema-changing upgrade: a training loop with MLflow's client runs across it; the balancer
-   answers 503 with Retry-After while no server is up (the window is measured);
-4. an upgrade between two releases of the same schema (to the role's default) of the servers
-   behind the balancer, rolling: no failed request.
+   no failure; then a restart of PostgreSQL under the same load;
+2. a schema-changing upgrade, with a configuration change: a training loop with MLflow's client runs
+   across it; the balancer answers 503 with Retry-After while no server is up (the window is measured);
+3. an upgrade between two releases of the same schema (to the role's default) with another
+   configuration change and a reload of the balancer, rolling: no failed request;
+4. a dry run of the servers and of the database, each run without its peers (--limit): nothing to
+   change, and nothing read from outside the run is lost (the balancer's address, the servers').
 After each step everything the load generator wrote is read back; at the end, all of it.
 """
 
@@ -52,6 +53,10 @@ LOAD = {"username": USER, "password": PASSWORD, "ca_file": CA, "concurrency": CO
 BEHIND_LB = "mlflow_lb,mlflow_lb_backends"
 # What every step converges with besides its own change (so that no step undoes another).
 STEP_VARS = {"mlflow_env_extra": {"MLFLOW_TEST_ROLLING_STEP": "configuration-changed"}}
+# The last step changes the servers' configuration again (a restart, besides the upgrade) and the
+# balancer's; the dry run after it gives the same.
+FINAL_VARS = {"mlflow_version": FINAL, "mlflow_lb_maxconn": int(var(LB, "mlflow_lb_maxconn")) + 100,
+              "mlflow_env_extra": {"MLFLOW_TEST_ROLLING_STEP": "upgraded-and-reconfigured"}}
 RECORD = loadgen.WriteRecord()
 CLIENT_ENV = {"MLFLOW_TRACKING_URI": "https://mlflow-lb", "MLFLOW_TRACKING_SERVER_CERT_PATH": "/root/test-ca.crt",
               "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
@@ -193,29 +198,6 @@ def seeded():
     wait_until(lambda: all(lb_status(a) == "UP" for a in APPS), 120, "both servers UP at the balancer")
     other_host(DIRECT).run(f"cat > /root/test-ca.crt <<'EOF'\n{pathlib.Path(CA).read_text()}EOF")
     loadgen.seed(URL, ops=list(loadgen.DEFAULT_MIX), **{k: v for k, v in LOAD.items() if k != "record_writes"})
-
-
-def test_step_1_a_configuration_change_rolls_through_the_servers_without_a_failed_request():
-    before = main_pids()
-    with loadgen.background_load(URL, "mixed", **LOAD) as load:
-        time.sleep(3)
-        # Limited to the servers, as an operator changing only them would: their configuration
-        # still names the balancer it reads from outside the run (its address, for the headers).
-        output = converge({}, limit="mlflow_lb_backends")
-        time.sleep(2)
-    d = settle(load.report, "configuration change")
-    RECORD.extend(load.record)
-    assert "Drain this server at every balancer" in output
-    # The same env on the same databases, verified when the servers last started: MLflow is not
-    # imported again to read the schema.
-    assert task_outcomes(output, SCHEMA_READ) == {a: ["skipping"] for a in APPS}, output[-3000:]
-    after = main_pids()
-    assert all(after[a] != before[a] for a in APPS), (before, after)
-    trusted = f"--forwarded-allow-ips={lb_address()}"
-    assert all(trusted in other_host(a).file("/etc/mlflow/mlflow.env").content_string for a in APPS), trusted
-    assert d["total_requests"] > 100 and d["total_errors"] == 0, d["ops"]
-    missing = loadgen.verify_writes(URL, load.record, username=USER, password=PASSWORD, ca_file=CA)
-    assert missing.ok, missing.as_dict()
 
 
 def test_step_2_a_crash_or_a_stopped_container_costs_at_most_the_requests_in_flight():
@@ -367,15 +349,19 @@ def test_step_4_an_upgrade_of_the_same_schema_rolls_without_a_failed_request():
     assert versions() == {a: NEW_SCHEMA for a in APPS}
     # The balancer's configuration changes in the same run: HAProxy reloads (a new worker takes the
     # listening sockets over) under the same load.
-    maxconn = int(var(LB, "mlflow_lb_maxconn")) + 100
-    master, haproxy_before = haproxy_master(), haproxy_info()
+    maxconn = FINAL_VARS["mlflow_lb_maxconn"]
+    master, haproxy_before, pids = haproxy_master(), haproxy_info(), main_pids()
     with loadgen.background_load(URL, "mixed", **LOAD) as load:
         time.sleep(3)
-        output = converge({"mlflow_version": FINAL, "mlflow_lb_maxconn": maxconn})
+        output = converge(FINAL_VARS)
         time.sleep(2)
-    d = settle(load.report, f"upgrade {NEW_SCHEMA} -> {FINAL} (same schema), and a reload of the balancer")
+    d = settle(load.report, f"upgrade {NEW_SCHEMA} -> {FINAL} (same schema) with a configuration change, "
+                            "and a reload of the balancer")
     RECORD.extend(load.record)
     assert versions() == {a: FINAL for a in APPS}
+    assert all(main_pids()[a] != pids[a] for a in APPS), (pids, main_pids())
+    assert all("MLFLOW_TEST_ROLLING_STEP=\"upgraded-and-reconfigured\"" in other_host(a).file("/etc/mlflow/mlflow.env").content_string
+               for a in APPS)
     haproxy_after = haproxy_info()
     assert haproxy_after["Maxconn"] == str(maxconn), haproxy_after
     # A reload: the same master process, a new worker.
@@ -389,6 +375,21 @@ def test_step_4_an_upgrade_of_the_same_schema_rolls_without_a_failed_request():
     missing = loadgen.verify_writes(URL, load.record, username=USER, password=PASSWORD, ca_file=CA)
     assert missing.ok, missing.as_dict()
 
+
+
+def test_a_dry_run_of_the_servers_and_the_database_without_their_peers_changes_nothing():
+    """Each host's configuration names peers that --limit leaves out of the run (the servers trust the
+    balancer's address in uvicorn's --forwarded-allow-ips; pg_hba.conf admits the servers, the direct
+    one included): their facts are gathered anyway, so a dry run of the converged hosts has nothing to
+    change, and the same env on the same databases is not imported again to read the schema."""
+    result = run_playbook("site.yml", "mlflow_db,mlflow_lb_backends", {**STEP_VARS, **FINAL_VARS}, args=["--check", "--diff"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    for name in ["mlflow-db", *APPS]:
+        recap = re.search(rf"^{name}\s+: ok=\d+\s+changed=(\d+)", result.stdout, re.M)
+        assert recap and recap.group(1) == "0", (name, result.stdout[-3000:])
+    assert task_outcomes(result.stdout, SCHEMA_READ) == {a: ["skipping"] for a in APPS}, result.stdout[-3000:]
+    trusted = f"--forwarded-allow-ips={lb_address()}"
+    assert all(trusted in other_host(a).file("/etc/mlflow/mlflow.env").content_string for a in APPS), trusted
 
 
 def test_everything_the_load_wrote_in_every_step_is_still_there():

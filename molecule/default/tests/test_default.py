@@ -116,6 +116,14 @@ def test_bytecode_was_compiled_at_install_time(host):
     out = host.run(f"{ENV_PYTHON} -c 'import mlflow.server, sys; print(mlflow.server.__cached__)'")
     assert out.rc == 0, out.stderr
     assert host.file(out.stdout.strip()).exists, out.stdout
+    # Every package's modules, imported at start or later (botocore for S3), but not the packages'
+    # own test suites, which no server imports.
+    site = out.stdout.strip().split("/mlflow/server/")[0]
+    for module in ("botocore/__init__.py", "sqlalchemy/__init__.py", "pandas/__init__.py"):
+        pyc = host.run(f"ls {site}/{module.rsplit('/', 1)[0]}/__pycache__/")
+        assert "__init__.cpython-" in pyc.stdout, (module, pyc.stdout + pyc.stderr)
+    assert host.file(f"{site}/pandas/tests/__init__.py").exists
+    assert not host.file(f"{site}/pandas/tests/__pycache__").exists
 
 
 def test_environment_file_configures_the_server(host):
