@@ -1,7 +1,9 @@
-"""mlflow-airgap: an air-gapped host, deployed from a carried wheelhouse and the Miniconda installer alone."""
+"""mlflow-airgap: an air-gapped host, deployed from a carried wheelhouse and the Miniconda installer alone
+(with authentication and TLS on, which tests/test_secure.py checks)."""
 
 import io
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -14,13 +16,24 @@ from mlflow_testlib import ROOT, client_script, env_prefix, journal, require_run
 NAME = "mlflow-airgap"
 testinfra_hosts = [f"ansible://{NAME}"]
 PORT = var(NAME, "mlflow_port")
+URL = f"https://{NAME}:{PORT}"
+CA = "/root/molecule-ca.crt"
+CLIENT = {"MLFLOW_TRACKING_USERNAME": var(NAME, "mlflow_auth_admin_username"),
+          "MLFLOW_TRACKING_PASSWORD": var(NAME, "mlflow_auth_admin_password"), "MLFLOW_TRACKING_SERVER_CERT_PATH": CA}
 CARRIED = pathlib.Path(var(NAME, "test_carried_dir"))
 LOCK_DIR = pathlib.Path(var(NAME, "mlflow_pip_lock_dir"))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _served(host):
+    """The test CA on the host, for its clients; the server running."""
+    ca = pathlib.Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "tls", "ca.crt").read_text()
+    host.run(f"cat > {CA} <<'EOF'\n{ca}EOF")
     require_running(host)
+
+
+def health(host):
+    return host.run(f"curl -sS --cacert {CA} {URL}/health").stdout.strip()
 
 
 def lock_of(version, arch):
@@ -45,7 +58,7 @@ def test_the_host_is_only_on_a_network_with_no_route_out(host):
 def test_mlflow_serves_a_client_round_trip(host):
     require_running(host)
     suffix = uuid.uuid4().hex[:8]
-    out = run_python(host, client_script(), f"http://127.0.0.1:{PORT}", suffix)
+    out = run_python(host, client_script(), URL, suffix, env=CLIENT)
     assert out.rc == 0, out.stdout + out.stderr + journal(host)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["artifact_content"] == result["expected_artifact_content"]
@@ -95,4 +108,4 @@ def test_a_wheel_changed_by_one_byte_is_refused_and_the_host_keeps_its_env(host,
     assert host.file(env_prefix(NAME)).linked_to == link
     assert host.run("systemctl show mlflow -p MainPID --value").stdout.strip() == pid, "MLflow was restarted"
     assert host.run(f"ls -d {env_prefix(NAME)}-{other}-*").rc != 0, "an env of the refused release was left"
-    assert host.run(f"curl -sS http://127.0.0.1:{PORT}/health").stdout.strip() == "OK"
+    assert health(host) == "OK"

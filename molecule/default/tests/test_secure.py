@@ -1,4 +1,5 @@
-"""mlflow-secure: authentication, TLS, exposure controls and hardening, checked with real clients."""
+"""mlflow-airgap, hardened: authentication, TLS, exposure controls and hardening, checked with real clients
+(tests/test_airgap.py checks the air-gapped install of the same host)."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import uuid
 import pytest
 from mlflow_testlib import client_script, journal, require_running, run_playbook, run_python, var
 
-NAME = "mlflow-secure"
+NAME = "mlflow-airgap"
 testinfra_hosts = [f"ansible://{NAME}"]
 ADMIN_USER = var(NAME, "mlflow_auth_admin_username")
 ADMIN_PASSWORD = var(NAME, "mlflow_auth_admin_password")
@@ -177,6 +178,10 @@ def test_a_change_that_does_not_come_up_is_rolled_back_to_the_configuration_that
     message = output[output.index("The change was not applied"):]
     assert "keep exiting at start" in message and "is back in place and MLflow answers OK on /health again" in message
     assert "KEY_VALUES_MISMATCH" in message or "key values mismatch" in message, message[:3000]
+    # The same env on the same databases, verified when the server last started: a change that
+    # restarts it does not import MLflow again to read the schema.
+    read = [block for block in output.split("TASK [")[1:] if block.startswith("mlflow : Read the schema revision")]
+    assert len(read) == 1 and f"skipping: [{NAME}]" in read[0], read
 
     # What is on disk is what served before, and it serves: the old certificate, verified by a client.
     assert {p: host.file(p).sha256sum for p in before} == before
