@@ -200,7 +200,7 @@ def seeded():
     loadgen.seed(URL, ops=list(loadgen.DEFAULT_MIX), **{k: v for k, v in LOAD.items() if k != "record_writes"})
 
 
-def test_step_2_a_crash_or_a_stopped_container_costs_at_most_the_requests_in_flight():
+def test_step_1_a_crash_or_a_stopped_container_costs_at_most_the_requests_in_flight():
     app1, app2 = (other_host(a) for a in APPS)
     client = client_loop(CLIENT_OPS, "60")
     with loadgen.background_load(URL, "mixed", **LOAD) as load:
@@ -272,7 +272,7 @@ class ApiWatch(HealthWatch):
             time.sleep(0.25)
 
 
-def test_step_2b_a_restart_of_postgresql_costs_seconds_and_no_restart_of_mlflow():
+def test_step_1b_a_restart_of_postgresql_costs_seconds_and_no_restart_of_mlflow():
     """MLflow's pool checks a connection before it uses it (pool_pre_ping): the requests that meet the
     restart fail, the next ones reconnect, and no server restarts."""
     db = other_host("mlflow-db")
@@ -299,7 +299,7 @@ def test_step_2b_a_restart_of_postgresql_costs_seconds_and_no_restart_of_mlflow(
     assert missing.ok, missing.as_dict()
 
 
-def test_step_3_a_training_loop_runs_across_a_schema_changing_upgrade(host):
+def test_step_2_a_training_loop_runs_across_a_schema_changing_upgrade(host):
     # Data logged with the old release, read back by test_2_backends.py after the upgrade.
     out = run_python(host, client_script(), "http://127.0.0.1:5000", "before-upgrade",
                      env={"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD})
@@ -345,7 +345,7 @@ print(json.dumps({{"steps": sorted(m.step for m in history), "files": files}}))
     assert logged["files"] == ["model.txt"]
 
 
-def test_step_4_an_upgrade_of_the_same_schema_rolls_without_a_failed_request():
+def test_step_3_an_upgrade_of_the_same_schema_rolls_without_a_failed_request():
     assert versions() == {a: NEW_SCHEMA for a in APPS}
     # The balancer's configuration changes in the same run: HAProxy reloads (a new worker takes the
     # listening sockets over) under the same load.
@@ -377,7 +377,7 @@ def test_step_4_an_upgrade_of_the_same_schema_rolls_without_a_failed_request():
 
 
 
-def test_a_dry_run_of_the_servers_and_the_database_without_their_peers_changes_nothing():
+def test_step_4_a_dry_run_of_the_servers_and_the_database_without_their_peers_changes_nothing():
     """Each host's configuration names peers that --limit leaves out of the run (the servers trust the
     balancer's address in uvicorn's --forwarded-allow-ips; pg_hba.conf admits the servers, the direct
     one included): their facts are gathered anyway, so a dry run of the converged hosts has nothing to

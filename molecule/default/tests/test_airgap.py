@@ -3,7 +3,6 @@
 
 import io
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -11,7 +10,8 @@ import tarfile
 import uuid
 
 import pytest
-from mlflow_testlib import ROOT, client_script, env_prefix, journal, require_running, run_playbook, run_python, var
+from mlflow_testlib import (ROOT, client_script, env_prefix, install_test_ca, journal, require_running, run_playbook,
+                            run_python, var)
 
 NAME = "mlflow-airgap"
 testinfra_hosts = [f"ansible://{NAME}"]
@@ -27,8 +27,7 @@ LOCK_DIR = pathlib.Path(var(NAME, "mlflow_pip_lock_dir"))
 @pytest.fixture(autouse=True, scope="module")
 def _served(host):
     """The test CA on the host, for its clients; the server running."""
-    ca = pathlib.Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "tls", "ca.crt").read_text()
-    host.run(f"cat > {CA} <<'EOF'\n{ca}EOF")
+    install_test_ca(host, CA)
     require_running(host)
 
 

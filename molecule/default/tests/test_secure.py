@@ -2,13 +2,12 @@
 (tests/test_airgap.py checks the air-gapped install of the same host)."""
 
 import json
-import os
 import pathlib
 import re
 import uuid
 
 import pytest
-from mlflow_testlib import client_script, journal, require_running, run_playbook, run_python, var
+from mlflow_testlib import client_script, install_test_ca, journal, require_running, run_playbook, run_python, var
 
 NAME = "mlflow-airgap"
 testinfra_hosts = [f"ansible://{NAME}"]
@@ -25,8 +24,7 @@ ADMIN = {"MLFLOW_TRACKING_USERNAME": ADMIN_USER, "MLFLOW_TRACKING_PASSWORD": ADM
 @pytest.fixture(scope="module", autouse=True)
 def ca_on_host(host):
     """The test CA, so that clients on the host verify the server's certificate."""
-    ca = pathlib.Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "tls", "ca.crt").read_text()
-    host.run(f"cat > {CA} <<'EOF'\n{ca}EOF")
+    install_test_ca(host, CA)
     require_running(host)
 
 

@@ -84,6 +84,13 @@ def running_service(host):
     return require_running(host)
 
 
+def install_test_ca(host, path):
+    """The scenario's test CA (made on the controller by molecule/shared/test-ca.yml) at `path` on the
+    host, for the clients that run there."""
+    ca = pathlib.Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "tls", "ca.crt").read_text()
+    host.run(f"cat > {path} <<'EOF'\n{ca}EOF")
+
+
 def run_python(host, script, *args, env=None):
     """Run a Python script (text) with the conda env's Python on the host."""
     quoted = " ".join(f"'{a}'" for a in args)
