@@ -1,30 +1,35 @@
 """Each invalid configuration stops in preflight with a message that names the variable and
 the fix, and leaves the host as it was: no user, no files, no service.
 
-Every case runs the real `ansible-playbook site.yml` against the instance, as a user would. The
-cases run two at a time with the host's facts cached between them (they only read the host);
-each must report changed=0, and the host is checked untouched after each and after all of them.
+The cases run as a user's inventory runs: one real `ansible-playbook site.yml` for all of them, each
+case a host of its own (an inventory name for the same container, its settings as host variables).
+So one play validates hosts that differ, and each host must fail on its own fault alone, with
+changed=0; the container is checked untouched after all of them. The host's facts are gathered
+once and cached for every name (the cases only read the host).
 """
 
-import concurrent.futures
+import pathlib
+import re
+import shutil
 import tempfile
 
 import pytest
+import yaml
 from mlflow_testlib import ROOT, other_host, port_held, role_defaults, role_vars, run_playbook
 
 DOUBLE = ROOT / "files" / "test-doubles" / "Miniconda3-offline-test-double.sh"
 testinfra_hosts = ["ansible://mlflow-bad"]
 FACT_CACHE = tempfile.mkdtemp(prefix="bad-input-facts-")
 
-# (id, extra vars, texts the failure message must contain)
+# (id, settings, texts the failure message must contain; {host}: the case's inventory name)
 CASES = [
     ("port-out-of-range", {"mlflow_port": 70000}, ["mlflow_port", "between 1 and 65535"]),
     ("port-not-a-number", {"mlflow_port": "http"}, ["mlflow_port", "int"]),
     ("negative-workers", {"mlflow_workers": -1}, ["mlflow_workers", "at least 1, or 0 for one per vCPU"]),
     ("bind-address-not-an-address", {"mlflow_host": "not-an-ip"},
-     ["mlflow_host 'not-an-ip'", "neither a wildcard", "nor an address of mlflow-bad"]),
+     ["mlflow_host 'not-an-ip'", "neither a wildcard", "nor an address of {host}"]),
     ("bind-address-of-another-host", {"mlflow_host": "192.0.2.10"},
-     ["mlflow_host '192.0.2.10'", "nor an address of mlflow-bad"]),
+     ["mlflow_host '192.0.2.10'", "nor an address of {host}"]),
     ("unknown-backend-scheme", {"mlflow_backend_store_uri": "mongodb://db.example.com/mlflow"},
      ["mlflow_backend_store_uri", "postgresql"]),
     ("unknown-db-type", {"mlflow_db_type": "oracle"}, ["mlflow_db_type", "sqlite, postgresql"]),
@@ -63,6 +68,9 @@ CASES = [
     ("wrong-installer-checksum", {"mlflow_miniconda_installer_local_path": str(DOUBLE),
                                   "mlflow_miniconda_installer_sha256": "0" * 64},
      ["mlflow_miniconda_installer_sha256", "expected " + "0" * 64]),
+    # In one play beside hosts whose installer exists: each host's own file is checked.
+    ("installer-missing", {"mlflow_miniconda_installer_local_path": "/nonexistent/Miniconda3-Linux-x86_64.sh"},
+     ["mlflow_miniconda_installer_local_path /nonexistent/Miniconda3-Linux-x86_64.sh does not exist on the controller"]),
     ("malformed-checksum", {"mlflow_miniconda_installer_sha256": "not-a-checksum"},
      ["mlflow_miniconda_installer_sha256", "64 lowercase hex"]),
     ("anaconda-channels-without-tos", {"mlflow_conda_channels": ["defaults"]},
@@ -96,10 +104,31 @@ CASES = [
 ]
 
 
-def run_site(limit, extra_vars):
-    return run_playbook("site.yml", limit, extra_vars, extra_env={
+def run_site(limit, extra_vars, args=()):
+    return run_playbook("site.yml", limit, extra_vars, args=args, extra_env={
         "ANSIBLE_GATHERING": "smart", "ANSIBLE_CACHE_PLUGIN": "ansible.builtin.jsonfile",
         "ANSIBLE_CACHE_PLUGIN_CONNECTION": FACT_CACHE})
+
+
+def case_host(case_id):
+    return f"case-{case_id}"
+
+
+def per_host(output):
+    """Each host's first failure in the default callback's output: (the task, the message block)."""
+    failures, task = {}, None
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line.split("[", 1)[1].rsplit("]", 1)[0]
+        elif m := re.match(r"(?:fatal|failed): \[([^\]]+)\]", line):
+            block = [line]
+            for following in lines[i + 1:]:
+                if following and not following.startswith(" "):
+                    break
+                block.append(following)
+            failures.setdefault(m.group(1).split(" -> ")[0], (task, "\n".join(block)))
+    return failures
 
 
 def assert_untouched(h):
@@ -113,25 +142,40 @@ def assert_untouched(h):
 
 
 @pytest.fixture(scope="module")
-def results():
-    """Every case's run of site.yml, two at a time, after one run that caches the host's facts."""
+def results(tmp_path_factory):
+    """One run of site.yml for every case, after one run of the first case that caches the facts."""
     run_site("mlflow-bad", CASES[0][1])
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        return dict(zip([c[0] for c in CASES], pool.map(lambda c: run_site("mlflow-bad", c[1]), CASES)))
+    # The cache's file of a host is its name after a prefix of the cache's format (s1_ here).
+    (cached,) = pathlib.Path(FACT_CACHE).glob("*mlflow-bad")
+    prefix = cached.name.removesuffix("mlflow-bad")
+    cases = {}
+    for case_id, extra_vars, _ in CASES:
+        shutil.copy(cached, cached.with_name(prefix + case_host(case_id)))
+        cases[case_host(case_id)] = {"ansible_connection": "community.docker.docker", "ansible_host": "mlflow-bad",
+                                     **extra_vars}
+    inventory = tmp_path_factory.mktemp("cases") / "cases.yml"
+    inventory.write_text(yaml.safe_dump({"mlflow": {"hosts": cases}, "bad_input_cases": {"hosts": dict.fromkeys(cases)}}))
+    result = run_site("bad_input_cases", {}, args=("-i", str(inventory), "--forks", "10"))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    recap = dict(re.findall(r"^(case-\S+)\s+: (ok=.*)$", output, re.M))
+    return per_host(output), recap, output
 
 
 @pytest.mark.parametrize("case_id,extra_vars,expected", CASES, ids=[c[0] for c in CASES])
 def test_invalid_configuration_stops_in_preflight(host, results, case_id, extra_vars, expected):
-    result = results[case_id]
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, f"{case_id} was accepted:\n{output[-3000:]}"
-    assert "failed=1" in output and "changed=0" in output, output[-3000:]
+    failures, recap, output = results
+    name = case_host(case_id)
+    assert name in failures, f"{case_id} was accepted:\n{recap.get(name)}\n{output[-3000:]}"
+    assert re.search(r"changed=0 .*failed=1 ", recap[name]), recap[name]
     # The failing task is the argument spec validation or an assertion of preflight.
-    first_failure = min(i for i in (output.find("fatal: ["), output.find("failed: [")) if i >= 0)
-    failed_task = output[:first_failure].rsplit("TASK [", 1)[1].split("]")[0]
-    assert failed_task.startswith(("mlflow : Validating arguments", "mlflow : Assert")), failed_task
-    for text in expected:
-        assert text in output, f"{case_id}: '{text}' not in the message:\n{output[-3000:]}"
+    failed_task, message = failures[name]
+    assert failed_task.startswith(("mlflow : Validating arguments", "mlflow : Assert")), (failed_task, message)
+    for text in (t.format(host=name) for t in expected):
+        assert text in message, f"{case_id}: '{text}' not in the message:\n{message[:3000]}"
+
+
+def test_no_case_touched_the_host(host, results):
     assert_untouched(host)
 
 

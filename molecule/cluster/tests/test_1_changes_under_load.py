@@ -425,6 +425,13 @@ def test_statistics_and_metrics_answer_on_the_balancers_loopback_only():
     # HAProxy's own exporter: per-server series of the balancer's backend, labelled by server.
     assert all(f'proxy="mlflow",server="{a}"' in metrics for a in APPS), metrics[:2000]
     assert other_host(DIRECT).run("curl -s --max-time 5 http://mlflow-lb:8404/metrics").rc != 0
+    # The servers' own metrics are scraped from each server, never served to clients through the balancer.
+    app_metrics = f"http://127.0.0.1:{var(APPS[0], 'mlflow_port')}/metrics"
+    # (401 there: basic auth guards it as it guards the API.)
+    assert other_host(APPS[0]).run(f"curl -s -o /dev/null -w '%{{http_code}}' {app_metrics}").stdout in ("200", "401")
+    for path in ("/metrics", "/metrics/"):
+        code = other_host(DIRECT).run(f"curl -s -k -o /dev/null -w '%{{http_code}}' https://mlflow-lb{path}").stdout
+        assert code == "404", (path, code)
 
 
 def test_plain_http_is_redirected_to_https():

@@ -14,8 +14,8 @@ import urllib.parse
 import uuid
 
 import pytest
-from mlflow_testlib import (client_script, env_python, journal, other_host, require_running, role_defaults, run_playbook,
-                            run_python, var)
+from mlflow_testlib import (client_script, env_python, group_hosts, journal, other_host, require_running, role_defaults,
+                            run_playbook, run_python, var)
 
 testinfra_hosts = ["ansible://mlflow-app-1"]
 
@@ -128,6 +128,15 @@ def test_backend_uri_has_no_password_and_the_password_is_in_pgpassword(host):
     assert f'MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW="{share - pool}"' in content
     assert f'MLFLOW_SQLALCHEMYSTORE_POOL_RECYCLE="{var(APP, "mlflow_db_pool_recycle")}"' in content
     assert f"--limit-concurrency={share - 1}" in content
+
+
+def test_postgresql_accepts_the_connection_budget_of_every_server(db):
+    """The database admits what every MLflow server of its clients group may hold at once, plus room for
+    backups, migrations and administration."""
+    servers = ["mlflow-app-1", "mlflow-app-2", DIRECT]
+    assert set(servers) == set(group_hosts("mlflow"))
+    wanted = max(100, 30 + sum(var(s, "mlflow_db_connection_budget") for s in servers))
+    assert psql(db, "show max_connections") == str(wanted)
 
 
 def test_artifact_modes_are_configured(host, direct):

@@ -48,6 +48,11 @@ def hostvars(name):
     return merged
 
 
+def group_hosts(group):
+    """The hosts of an inventory group of the scenario."""
+    return _runner().get_hosts(group)
+
+
 def var(name, key):
     """One input of a test, which must be a literal value (not a template) in the inventory."""
     value = hostvars(name)[key]
