@@ -24,6 +24,14 @@ SERVICE = "mlflow"
 RESOURCES = pathlib.Path(__file__).parent
 
 
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`, as the default scenario runs its suites), the tests
+    of one host run in one worker, in the order they were collected; the hosts run side by side."""
+    for item in items:
+        hosts = getattr(item.module, "testinfra_hosts", None) or ["controller"]
+        item.add_marker(pytest.mark.xdist_group(",".join(hosts)))
+
+
 @functools.cache
 def role_defaults(role):
     return yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text()) or {}
