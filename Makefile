@@ -71,7 +71,8 @@ test-locks: venv
 	done
 
 bench: venv
-	$(BIN)/pip install --quiet -r bench/requirements.txt
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r bench/requirements.txt \
+	  || $(BIN)/pip install --quiet -r bench/requirements.txt
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 sandbox: venv

@@ -260,9 +260,11 @@ def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
     for op in OPS:
         op_began = time.monotonic()
         concurrency = args.big_concurrency if op in BIG else 32 if op in DOUBLE else 16
+        # A 200 MB transfer outlasts the warm-up and the measured time: one started in the warm-up
+        # would end after it, and none would be counted. Those are measured from their first request.
         report = loadgen.run_workload(url, DOUBLE.get(op, op), allow_hosts=[ip], concurrency=concurrency,
-                                      duration=args.duration, warmup=args.warmup, max_requests=100000,
-                                      timeout=120 if op in BIG else 60)
+                                      duration=args.duration, warmup=0 if op in BIG else args.warmup,
+                                      max_requests=100000, timeout=120 if op in BIG else 60)
         ops[op] = summarize(report, DOUBLE.get(op, op))
         ops[op]["elapsed_s"] = round(time.monotonic() - op_began, 1)
         connections.append(db_connections())
@@ -302,7 +304,7 @@ threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
 print(count[0])
 """
     password = dexec("sed", "-n", "s/^PGPASSWORD=\"\\(.*\\)\"$/\\1/p", "/etc/mlflow/mlflow.env").strip()
-    seconds = 8
+    seconds = 5
     batches = int(dexec("env", f"PGPASSWORD={password}", f"SECONDS_={seconds}", f"{ENV}/python", "-", stdin=script))
     dd = dexec("bash", "-c", "head -c 209715200 /dev/urandom > /var/lib/mlflow/ceiling.bin && sync && "
                "s=$(date +%s.%N) && cp /var/lib/mlflow/ceiling.bin /var/lib/mlflow/ceiling.copy && sync && "
@@ -387,7 +389,8 @@ def report(data: dict, out: pathlib.Path, stem: str) -> pathlib.Path:
     lines = [f"# Benchmark {data['date']}", "", f"Machine: {data['machine']}. Versions: {data['versions']}.", "",
              f"Method: `make bench` ({data['command']}), {data['reps']} alternated repetitions per configuration, "
              f"{data['duration']} s measured per operation after {data['warmup']} s of warm-up, 16 concurrent "
-             f"clients ({data['big_concurrency']} for the 200 MB transfers), the load generator on the same 2 cores "
+             f"clients ({data['big_concurrency']} for the 200 MB transfers, with no warm-up: a transfer"
+             " started in it could end after the measured time), the load generator on the same 2 cores "
              "(aiohttp, bench/results/client-cpu.md). The data the operations read was written once before the "
              f"phases, through the deployed server ({data.get('seeding_s', '?')} s, not measured). "
              f"Cells: median (min-max) over the repetitions. The whole run took {data['total_s']} s.", "",
@@ -460,11 +463,13 @@ def main(argv: list[str]) -> int:
         log(f"starting {len(names)} containers")
         harness("destroy", names, workdir)
         harness("create", names, workdir)
-        deploy = []
+        deploy, removing = [], None
         if not args.skip_deploy_timings:
             deploy = deploy_timings(inv, args.compare_pipelining)
             # Only the containers: the harness's destroy would also remove the network the benchmark host is on.
-            sh("docker", "rm", "-f", *DEPLOY_HOSTS)
+            # In the background, while the data is seeded: nothing measured runs on the deploy hosts.
+            removing = subprocess.Popen(["docker", "rm", "-f", *DEPLOY_HOSTS], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
         else:
             log("deploying the benchmark host (PostgreSQL + MLflow, role defaults)")
             seconds, recap = play(inv, BENCH_HOST)
@@ -488,6 +493,8 @@ def main(argv: list[str]) -> int:
         wait_healthy(url)
         loadgen.seed(url, ops=SEEDED, allow_hosts=[ip], seed_runs=args.seed_runs, timeout=120, concurrency=32)
         seeding = round(time.monotonic() - seeding, 1)
+        if removing:
+            removing.wait(timeout=300)
         dexec("systemctl", "stop", "mlflow.service")
         phases = []
         for rep in range(args.reps):
