@@ -179,7 +179,7 @@ def unit_sample(unit: str) -> tuple[int, int]:
 
 def db_connections() -> int:
     out = dexec("runuser", "-u", "postgres", "--", "psql", "-tAc",
-                "select count(*) from pg_stat_activity where usename = 'mlflow'")
+                "select count(*) from pg_stat_activity where usename = 'mlflow'", check=False)
     return int(out.strip() or 0)
 
 
@@ -197,20 +197,22 @@ def wait_healthy(url: str, timeout: float = 240) -> float:
 
 
 class Sampler(threading.Thread):
-    """Samples the unit's memory and process count every second."""
+    """Samples the unit's memory, its process count and PostgreSQL's connections every second."""
 
     def __init__(self, unit: str):
         super().__init__(daemon=True)
-        self.unit, self.stop, self.memory, self.procs = unit, threading.Event(), [], []
+        self.unit, self.stop, self.memory, self.procs, self.connections = unit, threading.Event(), [], [], []
 
     def run(self) -> None:
         while not self.stop.wait(1.0):
             try:
                 memory, procs = unit_sample(self.unit)
+                connections = db_connections()
             except (subprocess.CalledProcessError, ValueError, IndexError):
                 continue
             self.memory.append(memory)
             self.procs.append(procs)
+            self.connections.append(connections)
 
 
 def summarize(report: loadgen.Report, op: str) -> dict:
@@ -256,7 +258,7 @@ def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
     sampler.start()
     # The data was seeded before the phases (main()); this finds it, and would make what is missing.
     loadgen.seed(url, ops=SEEDED, allow_hosts=[ip], seed_runs=args.seed_runs, timeout=120)
-    ops, connections, seeded = {}, [], time.monotonic()
+    ops, seeded = {}, time.monotonic()
     for op in OPS:
         op_began = time.monotonic()
         concurrency = args.big_concurrency if op in BIG else 32 if op in DOUBLE else 16
@@ -267,13 +269,12 @@ def phase(config: str, url: str, ip: str, args: argparse.Namespace) -> dict:
                                       max_requests=100000, timeout=120 if op in BIG else 60)
         ops[op] = summarize(report, DOUBLE.get(op, op))
         ops[op]["elapsed_s"] = round(time.monotonic() - op_began, 1)
-        connections.append(db_connections())
     sampler.stop.set()
     sampler.join()
     peak = max(sampler.memory)
     result = {"config": config, "time_to_healthy_s": round(healthy, 2), "memory_idle_mb": idle_memory / 2**20,
               "memory_peak_mb": peak / 2**20, "memory_mean_mb": statistics.fmean(sampler.memory) / 2**20,
-              "processes": max(sampler.procs), "db_connections_max": max(connections), "ops": ops,
+              "processes": max(sampler.procs), "db_connections_max": max(sampler.connections), "ops": ops,
               "seed_s": round(seeded - began - healthy, 1)}
     dexec("systemctl", "stop", unit)
     result["elapsed_s"] = round(time.monotonic() - began, 1)
@@ -443,7 +444,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--warmup", type=float, default=0.25)
     parser.add_argument("--big-concurrency", type=int, default=4)
     parser.add_argument("--seed-runs", type=int, default=1000)
     parser.add_argument("--configs", default="seed,role")
@@ -463,13 +464,11 @@ def main(argv: list[str]) -> int:
         log(f"starting {len(names)} containers")
         harness("destroy", names, workdir)
         harness("create", names, workdir)
-        deploy, removing = [], None
+        deploy = []
         if not args.skip_deploy_timings:
             deploy = deploy_timings(inv, args.compare_pipelining)
             # Only the containers: the harness's destroy would also remove the network the benchmark host is on.
-            # In the background, while the data is seeded: nothing measured runs on the deploy hosts.
-            removing = subprocess.Popen(["docker", "rm", "-f", *DEPLOY_HOSTS], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+            sh("docker", "rm", "-f", *DEPLOY_HOSTS)
         else:
             log("deploying the benchmark host (PostgreSQL + MLflow, role defaults)")
             seconds, recap = play(inv, BENCH_HOST)
@@ -493,8 +492,6 @@ def main(argv: list[str]) -> int:
         wait_healthy(url)
         loadgen.seed(url, ops=SEEDED, allow_hosts=[ip], seed_runs=args.seed_runs, timeout=120, concurrency=32)
         seeding = round(time.monotonic() - seeding, 1)
-        if removing:
-            removing.wait(timeout=300)
         dexec("systemctl", "stop", "mlflow.service")
         phases = []
         for rep in range(args.reps):
