@@ -1,6 +1,7 @@
 """Hash-locked Python packages for the MLflow conda env: one wheel per package, per Python and architecture.
 
     lock.py generate [--mlflow V] [--psycopg2 V] [--boto3 V] [--uv V] [--prometheus-flask-exporter V]
+                     [--oidc-auth V]
                      [--python 3.11 ...] [--arch x86_64 ...] [--out-dir DIR] [--extra PKG==V ...] [--upgrade]
     lock.py bump V      set mlflow_version in the role's defaults and specs, lock it, drop the old default locks
     lock.py check       offline lint: the role's locks match its pinned versions, every lock is well formed
@@ -14,7 +15,7 @@ byte and a changed file is refused. Locks are written as
 `<out-dir>/mlflow-<version>-py<X.Y>-<arch>.txt`; their header names the top-level requirements,
 which the role compares with its variables before it uses a lock. A lock that is made again keeps
 the versions of the one it replaces wherever the requirements allow (a new requirement adds its
-own packages and changes nothing else), unless --upgrade is given.
+own packages and changes only the pins it conflicts with), unless --upgrade is given.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def requires(pins: dict) -> list[str]:
     """The top-level requirements of the env, as the role states them (see _mlflow_requires)."""
     return ([f"mlflow[auth]=={pins['mlflow_version']}", f"psycopg2-binary=={pins['mlflow_psycopg2_version']}",
              f"boto3=={pins['mlflow_boto3_version']}", f"uv=={pins['mlflow_uv_version']}"]
-            + [f"prometheus-flask-exporter=={pins['mlflow_prometheus_flask_exporter_version']}"]
+            + [f"prometheus-flask-exporter=={pins['mlflow_prometheus_flask_exporter_version']}",
+               f"mlflow-oidc-auth=={pins['mlflow_oidc_auth_version']}"]
             + list(pins.get("mlflow_pip_extra_packages") or []))
 
 
@@ -110,19 +112,20 @@ def best_wheel(name: str, version: str, allowed: set[str], ranking: dict[tags.Ta
 
 
 def resolve(reqs: list[str], python: str, arch: str, keep: dict[str, str] | None = None) -> list[dict]:
-    """Pins and wheels for reqs; `keep` (name -> version, from the lock being replaced) constrains
-    every package that is not itself a top-level requirement."""
+    """Pins and wheels for reqs; `keep` (name -> version, from the lock being replaced) is what uv
+    prefers for every package that is not itself a top-level requirement: a pin stays unless the
+    requirements now exclude it (a new top-level package may need an older or newer dependency)."""
     uv = shutil.which("uv") or str(pathlib.Path(sys.executable).with_name("uv"))
     top = {canonicalize_name(r.split("==")[0].split("[")[0]) for r in reqs}
     with tempfile.TemporaryDirectory() as tmp:
         source, output = pathlib.Path(tmp, "requirements.in"), pathlib.Path(tmp, "requirements.txt")
-        constraints = pathlib.Path(tmp, "constraints.txt")
         source.write_text("\n".join(reqs) + "\n")
-        constraints.write_text("".join(f"{name}=={version}\n" for name, version in sorted((keep or {}).items())
-                                       if name not in top))
+        # uv pip compile takes the pins of an existing output file as preferences.
+        output.write_text("".join(f"{name}=={version}\n" for name, version in sorted((keep or {}).items())
+                                  if name not in top))
         subprocess.run([uv, "pip", "compile", "--quiet", "--generate-hashes", "--no-header", "--no-annotate",
                         "--python-version", python, "--python-platform", f"{arch}-manylinux_2_{GLIBC_MINOR}",
-                        "--constraint", str(constraints), "--output-file", str(output), str(source)], check=True)
+                        "--output-file", str(output), str(source)], check=True)
         text = output.read_text().replace("\\\n", " ")
     ranking = {t: i for i, t in enumerate(supported_tags(python, arch))}
     wanted = []
@@ -233,6 +236,7 @@ def main(argv: list[str]) -> int:
     gen.add_argument("--boto3", help="default: the role's mlflow_boto3_version")
     gen.add_argument("--uv", help="default: the role's mlflow_uv_version")
     gen.add_argument("--prometheus-flask-exporter", help="default: the role's mlflow_prometheus_flask_exporter_version")
+    gen.add_argument("--oidc-auth", help="default: the role's mlflow_oidc_auth_version")
     gen.add_argument("--upgrade", action="store_true", help="newest versions, not those of the lock replaced")
     gen.add_argument("--python", nargs="+", default=PYTHONS)
     gen.add_argument("--arch", nargs="+", default=ARCHS, choices=ARCHS)
@@ -244,7 +248,8 @@ def main(argv: list[str]) -> int:
     if args.command == "generate":
         pins = {"mlflow_version": args.mlflow, "mlflow_psycopg2_version": args.psycopg2,
                 "mlflow_boto3_version": args.boto3, "mlflow_uv_version": args.uv,
-                "mlflow_prometheus_flask_exporter_version": args.prometheus_flask_exporter}
+                "mlflow_prometheus_flask_exporter_version": args.prometheus_flask_exporter,
+                "mlflow_oidc_auth_version": args.oidc_auth}
         generate(pins, args.python, args.arch, args.out_dir.resolve(), args.extra, args.upgrade)
     elif args.command == "bump":
         bump(args.version)

@@ -7,8 +7,11 @@ database password is ever on a command line:
     mlflow_db.py status    JSON: each store's URI (without password), revision, latest revision, state
     mlflow_db.py upgrade   migrate the stores whose schema is out of date, one at a time
 
-The stores are MLFLOW_BACKEND_STORE_URI, MLFLOW_REGISTRY_STORE_URI when set, and the users
-database of the basic-auth app when MLFLOW_AUTH_CONFIG_PATH is set. An upgrade
+The stores are MLFLOW_BACKEND_STORE_URI, MLFLOW_REGISTRY_STORE_URI when set, the users
+database of the basic-auth app when MLFLOW_AUTH_CONFIG_PATH is set, and that of the single
+sign-on app (mlflow-oidc-auth) when OIDC_USERS_DB_URI is set. An empty single sign-on database
+is migrated too (`fresh`: no server uses it yet; the app would otherwise create it from every
+worker at once, racing). An upgrade
 holds a lock for the whole migration (a PostgreSQL advisory lock, or a file lock beside a
 SQLite database) and checks the revision again once it has the lock, so two runs never
 migrate one database at the same time, and the second finds nothing to do. Each migration
@@ -35,6 +38,11 @@ from alembic.script import ScriptDirectory
 MLFLOW_DIR = pathlib.Path(importlib.util.find_spec("mlflow").submodule_search_locations[0])
 MIGRATIONS = {"tracking": (MLFLOW_DIR / "store" / "db_migrations", "alembic_version"),
               "auth": (MLFLOW_DIR / "server" / "auth" / "db" / "migrations", "alembic_version_auth")}
+# The single sign-on app keeps its schema in a database of its own, with Alembic's default table.
+OIDC_SPEC = importlib.util.find_spec("mlflow_oidc_auth")
+if OIDC_SPEC is not None:
+    MIGRATIONS["oidc"] = (pathlib.Path(OIDC_SPEC.submodule_search_locations[0]) / "db" / "migrations",
+                          os.environ.get("OIDC_ALEMBIC_VERSION_TABLE", "alembic_version"))
 
 # An arbitrary constant that names "MLflow schema migration" among advisory locks.
 ADVISORY_LOCK_KEY = 0x4D4C464C4F57  # "MLFLOW"
@@ -52,12 +60,14 @@ def database_uris():
         parser = configparser.ConfigParser()
         parser.read(auth_config)
         found.append(("auth", parser["mlflow"]["database_uri"]))
+    if os.environ.get("OIDC_USERS_DB_URI"):
+        found.append(("oidc", os.environ["OIDC_USERS_DB_URI"]))
     return found
 
 
 def stores():
-    """(kind, uri) of every database: 'tracking' (with the registry) or 'auth'."""
-    return [("auth" if role == "auth" else "tracking", uri) for role, uri in database_uris()]
+    """(kind, uri) of every database: 'tracking' (with the registry), 'auth' or 'oidc'."""
+    return [(role if role in ("auth", "oidc") else "tracking", uri) for role, uri in database_uris()]
 
 
 def safe(uri):
@@ -73,7 +83,7 @@ def inspect(kind, uri):
     engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
     try:
         tables = sqlalchemy.inspect(engine).get_table_names()
-        marker = "users" if kind == "auth" else version_table
+        marker = "users" if kind in ("auth", "oidc") else version_table
         if marker not in tables:
             current, state = None, "empty"
         elif version_table not in tables:
@@ -113,12 +123,16 @@ def upgrade(kind, uri, log_path):
     try:
         with migration_lock(uri, engine):
             before = inspect(kind, uri)
-            if before["state"] != "outdated":
+            if before["state"] != "outdated" and not (kind == "oidc" and before["state"] == "empty"):
                 return {**before, "migrated": False}
             if kind == "auth":
                 from mlflow.server.auth.db import utils as auth_utils
 
                 auth_utils.migrate(engine, "head")
+            elif kind == "oidc":
+                from mlflow_oidc_auth.db import utils as oidc_utils
+
+                oidc_utils.migrate(engine, "head")
             else:
                 utils._upgrade_db(engine)
             after = inspect(kind, uri)

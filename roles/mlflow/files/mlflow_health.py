@@ -45,10 +45,20 @@ def journal_errors(invocation):
             sum(1 for line in out if DB_REFUSED in line))
 
 
+def healthy_body(body):
+    """MLflow answers `OK`; the single sign-on app (mlflow-oidc-auth) answers {"status": "ok"}."""
+    if body.strip() == "OK":
+        return True
+    try:
+        return json.loads(body).get("status") == "ok"
+    except (ValueError, AttributeError):
+        return False
+
+
 def probe(url, context):
     try:
         with urllib.request.urlopen(url, timeout=5, context=context) as response:
-            return response.status == 200 and response.read().decode().strip() == "OK", f"HTTP {response.status}"
+            return response.status == 200 and healthy_body(response.read().decode()), f"HTTP {response.status}"
     except urllib.error.HTTPError as error:
         return False, f"HTTP {error.code}"
     except (OSError, ValueError) as error:

@@ -13,7 +13,8 @@ the service's environment file (mlflow-backup.service, mlflow-gc.service, or sys
         MLflow stopped; migrate the schema afterwards (mlflow_db.py upgrade).
     mlflow_ops.py gc --older-than AGE --tracking-uri URL
         `mlflow gc`: runs deleted more than AGE ago are removed for good, with their artifacts
-        (proxied artifacts through the server at URL, as its admin when basic auth is on).
+        (proxied artifacts through the server at URL, as its admin when basic auth is on, or under single
+        sign-on with the token in MLFLOW_OPS_TRACKING_PASSWORD).
 
 The databases are those mlflow_db.py migrates (MLFLOW_BACKEND_STORE_URI, MLFLOW_REGISTRY_STORE_URI
 when it differs, the users database of the basic-auth app when MLFLOW_AUTH_CONFIG_PATH is set);
@@ -225,6 +226,9 @@ def gc(args):
     if os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME"):
         os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ["MLFLOW_AUTH_ADMIN_USERNAME"]
         os.environ["MLFLOW_TRACKING_PASSWORD"] = os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    elif os.environ.get("MLFLOW_OPS_TRACKING_PASSWORD"):  # single sign-on: a service account's token
+        os.environ["MLFLOW_TRACKING_USERNAME"] = os.environ["MLFLOW_OPS_TRACKING_USERNAME"]
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = os.environ["MLFLOW_OPS_TRACKING_PASSWORD"]
     if args.tracking_uri.startswith("https://"):
         # The server's own certificate, on loopback, need not name 127.0.0.1.
         os.environ["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
