@@ -1,4 +1,4 @@
-# make test                  lint + every Molecule scenario (SCENARIO=name: just that one)
+# make test                  lint + unit tests + every Molecule scenario (SCENARIO=name: just that one)
 # make sandbox               MLflow in a local systemd container at http://localhost:5000, deployed with site.yml
 # make lock                  regenerate the role's hash locks for its pinned versions (needs PyPI)
 # make lock MLFLOW_VERSION=x bump mlflow_version to x and lock it, in one step
@@ -38,7 +38,7 @@ MLFLOW_VERSION ?=
 # Releases the Molecule scenarios install besides the default (upgrades); their locks are test inputs.
 TEST_MLFLOW_VERSIONS := 3.16.1 3.17.1
 
-.PHONY: venv lint molecule test lock test-locks bench sandbox sandbox-destroy clean
+.PHONY: venv lint unit molecule test lock test-locks bench sandbox sandbox-destroy clean
 
 venv: $(VENV)/.installed
 
@@ -56,10 +56,14 @@ lint: venv
 	$(BIN)/python files/tools/role_docs.py --check
 	ansible-lint
 
+# The helpers and filter plugins, in seconds, before the scenarios.
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
 molecule: venv
 	molecule test $(if $(SCENARIO),--scenario-name $(SCENARIO),--all)
 
-test: lint molecule
+test: lint unit molecule
 
 lock: venv
 	$(BIN)/python files/tools/lock.py $(if $(MLFLOW_VERSION),bump $(MLFLOW_VERSION),generate)
@@ -82,7 +86,7 @@ sandbox: venv
 	  --cap-add SYS_ADMIN --cgroupns host --security-opt seccomp=unconfined \
 	  -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /run/lock --tmpfs /tmp \
 	  -p 127.0.0.1:$(SANDBOX_PORT):5000 mlflow-sandbox:latest /lib/systemd/systemd
-	ansible-playbook -i inventory/sandbox/hosts.yml site.yml
+	ansible-playbook -i inventory/sandbox/hosts.yml site.yml -e ansible_host=$(SANDBOX_NAME)
 	@echo "MLflow is running at http://localhost:$(SANDBOX_PORT)  (make sandbox-destroy removes it)"
 
 sandbox-destroy:

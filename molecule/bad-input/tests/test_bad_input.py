@@ -18,6 +18,30 @@ import yaml
 from mlflow_testlib import ROOT, other_host, port_held, role_defaults, role_vars, run_playbook
 
 DOUBLE = ROOT / "files" / "test-doubles" / "Miniconda3-offline-test-double.sh"
+
+
+def tls_pair_of_two_keys():
+    """A self-signed certificate and the key of another pair, on the controller."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="bad-input-tls-"))
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "mlflow-bad")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (directory / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "other.key").write_bytes(other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(directory / "server.crt"), str(directory / "other.key")
+
+
+TLS_CERT, TLS_OTHER_KEY = tls_pair_of_two_keys()
 testinfra_hosts = ["ansible://mlflow-bad"]
 FACT_CACHE = tempfile.mkdtemp(prefix="bad-input-facts-")
 
@@ -65,6 +89,25 @@ CASES = [
     ("auth-bad-default-permission", {"mlflow_auth_default_permission": "ALL"}, ["mlflow_auth_default_permission"]),
     ("tls-missing-key", {"mlflow_tls_enabled": True, "mlflow_tls_cert_src": "/etc/hostname",
                          "mlflow_tls_key_src": "/nonexistent/server.key"}, ["mlflow_tls_key_src", "/nonexistent/server.key"]),
+    ("tls-key-of-another-pair", {"mlflow_tls_enabled": True, "mlflow_tls_cert_src": TLS_CERT,
+                                 "mlflow_tls_key_src": TLS_OTHER_KEY},
+     [f"the key {TLS_OTHER_KEY} does not match mlflow_tls_cert_src {TLS_CERT}"]),
+    ("workers-beyond-the-connection-budget", {"mlflow_workers": 64},
+     ["Each of the 64 workers would admit", "at least 4 are needed", "mlflow_db_connection_budget"]),
+    ("env-key-with-a-line-break", {"mlflow_env_extra": {"NOTE\nMLFLOW_PORT": "1"}},
+     ["mlflow_env_extra", "is not a variable name"]),
+    ("env-value-with-a-line-break", {"mlflow_env_extra": {"NOTE": "a\nMLFLOW_PORT=1"}},
+     ["mlflow_env_extra", "the value of 'NOTE' holds a line break"]),
+    ("env-name-the-role-writes", {"mlflow_env_extra": {"MLFLOW_UVICORN_OPTS": "--workers=9"}},
+     ["mlflow_env_extra", "MLFLOW_UVICORN_OPTS is written by the role"]),
+    ("allowed-hosts-any", {"mlflow_allowed_hosts": ["*"]}, ["mlflow_allowed_hosts", "matches any Host header"]),
+    ("backup-dir-is-a-system-dir", {"mlflow_db_backup_dir": "/var/backups"},
+     ["mlflow_db_backup_dir must be an absolute path of its own, not the system directory '/var/backups'"]),
+    ("data-dir-under-etc", {"mlflow_data_dir": "/etc/mlflow-data"},
+     ["mlflow_data_dir ('/etc/mlflow-data') is inside /etc", "service user"]),
+    ("data-dir-not-normalized", {"mlflow_data_dir": "/var/lib/../lib/mlflow"}, ["mlflow_data_dir", "normalized"]),
+    ("purge-of-a-system-dir", {"mlflow_state": "absent", "mlflow_purge_data": True, "mlflow_data_dir": "/srv"},
+     ["mlflow_data_dir must be an absolute path of its own, not the system directory '/srv'"]),
     ("wrong-installer-checksum", {"mlflow_miniconda_installer_local_path": str(DOUBLE),
                                   "mlflow_miniconda_installer_sha256": "0" * 64},
      ["mlflow_miniconda_installer_sha256", "expected " + "0" * 64]),

@@ -429,7 +429,7 @@ def test_statistics_and_metrics_answer_on_the_balancers_loopback_only():
     app_metrics = f"http://127.0.0.1:{var(APPS[0], 'mlflow_port')}/metrics"
     # (401 there: basic auth guards it as it guards the API.)
     assert other_host(APPS[0]).run(f"curl -s -o /dev/null -w '%{{http_code}}' {app_metrics}").stdout in ("200", "401")
-    for path in ("/metrics", "/metrics/"):
+    for path in ("/metrics", "/metrics/", "/%6Detrics", "/%6detrics/"):
         code = other_host(DIRECT).run(f"curl -s -k -o /dev/null -w '%{{http_code}}' https://mlflow-lb{path}").stdout
         assert code == "404", (path, code)
 

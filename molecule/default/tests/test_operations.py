@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from mlflow_testlib import client_script, journal, run_playbook, run_python, var
+from mlflow_testlib import READ_BACK, client_script, journal, run_playbook, run_python, var
 
 NAME = "mlflow-molecule"
 testinfra_hosts = [f"ansible://{NAME}"]
@@ -25,27 +25,6 @@ CONFIG_DIR = var(NAME, "mlflow_config_dir")
 BACKUP_DIR = var(NAME, "mlflow_db_backup_dir")
 PREFIX = var(NAME, "mlflow_conda_prefix")
 VERSION = var(NAME, "mlflow_version")
-
-READ_BACK = """
-import json, sys, tempfile
-from mlflow.tracking import MlflowClient
-client = MlflowClient(sys.argv[1])
-out = {}
-for run_id in sys.argv[2].split(","):
-    try:
-        run = client.get_run(run_id)
-    except Exception as error:
-        out[run_id] = {"error": getattr(error, "error_code", str(error))}
-        continue
-    entry = {"params": run.data.params, "metrics": run.data.metrics, "stage": run.info.lifecycle_stage}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            entry["artifact"] = open(client.download_artifacts(run_id, "docs/notes.txt", tmp)).read()
-    except Exception as error:
-        entry["artifact_error"] = str(error)[:200]
-    out[run_id] = entry
-print(json.dumps(out))
-"""
 
 LOG_RUNS = """
 import json, os, sys, tempfile

@@ -112,6 +112,29 @@ def run_python(host, script, *args, env=None):
     return host.run(f"{prefix} {python} - {quoted} <<'PYEOF'\n{script}\nPYEOF")
 
 
+# Reads runs back with MLflow's client: argv[1] the tracking URI, argv[2] run ids separated by commas.
+READ_BACK = """
+import json, sys, tempfile
+from mlflow.tracking import MlflowClient
+client = MlflowClient(sys.argv[1])
+out = {}
+for run_id in sys.argv[2].split(","):
+    try:
+        run = client.get_run(run_id)
+    except Exception as error:
+        out[run_id] = {"error": getattr(error, "error_code", str(error))}
+        continue
+    entry = {"params": run.data.params, "metrics": run.data.metrics, "stage": run.info.lifecycle_stage}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            entry["artifact"] = open(client.download_artifacts(run_id, "docs/notes.txt", tmp)).read()
+    except Exception as error:
+        entry["artifact_error"] = str(error)[:200]
+    out[run_id] = entry
+print(json.dumps(out))
+"""
+
+
 def client_script():
     return (RESOURCES / "client_roundtrip.py").read_text()
 

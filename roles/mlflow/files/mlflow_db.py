@@ -57,7 +57,8 @@ def database_uris():
         found.append(("registry", registry))
     auth_config = os.environ.get("MLFLOW_AUTH_CONFIG_PATH", "")
     if auth_config:
-        parser = configparser.ConfigParser()
+        # No interpolation: a URL-encoded password holds '%'.
+        parser = configparser.ConfigParser(interpolation=None)
         parser.read(auth_config)
         found.append(("auth", parser["mlflow"]["database_uri"]))
     if os.environ.get("OIDC_USERS_DB_URI"):
@@ -77,9 +78,11 @@ def safe(uri):
 
 def inspect(kind, uri):
     """The store's revision against the newest one of this env's MLflow: empty (no MLflow tables
-    yet), outdated or current. A users database made before MLflow versioned it counts as outdated."""
+    yet), outdated, current, or newer (a revision this MLflow does not know: a later release made
+    it). A users database made before MLflow versioned it counts as outdated."""
     scripts, version_table = MIGRATIONS[kind]
-    head = ScriptDirectory(str(scripts)).get_current_head()
+    directory = ScriptDirectory(str(scripts))
+    head = directory.get_current_head()
     engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
     try:
         tables = sqlalchemy.inspect(engine).get_table_names()
@@ -91,10 +94,17 @@ def inspect(kind, uri):
         else:
             with engine.connect() as conn:
                 current = MigrationContext.configure(conn, opts={"version_table": version_table}).get_current_revision()
-            state = "current" if current == head else "outdated"
+            state = "current" if current == head else "outdated" if known(directory, current) else "newer"
         return {"kind": kind, "uri": safe(uri), "revision": current, "latest": head, "state": state}
     finally:
         engine.dispose()
+
+
+def known(directory, revision):
+    try:
+        return revision is None or directory.get_revision(revision) is not None
+    except Exception:  # alembic raises its own errors for a revision it has no script of
+        return False
 
 
 @contextlib.contextmanager
@@ -123,6 +133,9 @@ def upgrade(kind, uri, log_path):
     try:
         with migration_lock(uri, engine):
             before = inspect(kind, uri)
+            if before["state"] == "newer":
+                raise SystemExit(f"the schema of {before['uri']} ({before['revision']}) is newer than MLflow "
+                                 f"{importlib.metadata.version('mlflow')} knows: a later release migrated it")
             if before["state"] != "outdated" and not (kind == "oidc" and before["state"] == "empty"):
                 return {**before, "migrated": False}
             if kind == "auth":

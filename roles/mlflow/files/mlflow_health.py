@@ -5,7 +5,7 @@
 
 Polls /health once a second. Gives up early when the server cannot come up, since waiting out the
 timeout would only prolong the outage: when systemd has restarted the unit more than
---max-restarts times since it was last started (the server exits at start: a wrong password, an
+--max-restarts times since this helper started (the server exits at start: a wrong password, an
 unreachable database), when the unit has failed for good, or when more than --max-restarts
 tracebacks were logged by this start of the unit (uvicorn's supervisor restarts workers that die
 at start, such as on a key that does not match its certificate, without ever exiting itself), or
@@ -65,39 +65,52 @@ def probe(url, context):
         return False, str(getattr(error, "reason", error))
 
 
-def main():
+def verdict(args, state, baseline, errors_of, elapsed, answer):
+    """Why the unit will not become healthy, or "" to keep waiting. errors_of() reads the journal."""
+    restarts = int(state.get("NRestarts") or 0) - baseline
+    if state.get("ActiveState") == "failed":
+        return (f"{args.unit} failed ({state.get('Result')}, exit status {state.get('ExecMainStatus')}) "
+                f"and systemd gave up restarting it")
+    if restarts > args.max_restarts:
+        return (f"{args.unit} exited at start {restarts} times (last exit status "
+                f"{state.get('ExecMainStatus')}): it will not become healthy")
+    tracebacks, refusals = errors_of()
+    if tracebacks > args.max_restarts:
+        return (f"{args.unit}'s server processes keep exiting at start ({tracebacks} tracebacks in the journal "
+                f"of this start): it will not become healthy")
+    if refusals > args.max_restarts + 1:
+        return (f"{args.unit} cannot connect to its database ({refusals} attempts failed at start, see the "
+                f"journal): it will not become healthy")
+    if elapsed >= args.timeout:
+        return f"{args.url} did not answer OK within {args.timeout:.0f} s (last answer: {answer})"
+    return ""
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--unit", default="mlflow.service")
     parser.add_argument("--timeout", type=float, default=180)
     parser.add_argument("--max-restarts", type=int, default=2)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     # The host's own loopback address is not a name on its certificate.
     context = ssl._create_unverified_context()  # noqa: S323
     start = time.monotonic()
-    reason, state = "", {}
+    # systemd keeps counting NRestarts across a manual restart: those of a failed change that was
+    # just rolled back are not this start's.
+    baseline = int(unit_state(args.unit).get("NRestarts") or 0)
     while True:
         healthy, answer = probe(args.url, context)
         elapsed = round(time.monotonic() - start, 1)
-        if healthy:
-            print(json.dumps({"healthy": True, "seconds": elapsed, "reason": "", "state": unit_state(args.unit)}))
-            return 0
         state = unit_state(args.unit)
-        restarts = int(state.get("NRestarts") or 0)
-        if state.get("ActiveState") == "failed":
-            reason = (f"{args.unit} failed ({state.get('Result')}, exit status {state.get('ExecMainStatus')}) "
-                      f"and systemd gave up restarting it")
-        elif restarts > args.max_restarts:
-            reason = (f"{args.unit} exited at start {restarts} times (last exit status "
-                      f"{state.get('ExecMainStatus')}): it will not become healthy")
-        elif (errors := journal_errors(state.get("InvocationID")))[0] > args.max_restarts:
-            reason = (f"{args.unit}'s server processes keep exiting at start ({errors[0]} tracebacks in the journal "
-                      f"of this start): it will not become healthy")
-        elif errors[1] > args.max_restarts + 1:
-            reason = (f"{args.unit} cannot connect to its database ({errors[1]} attempts failed at start, see the "
-                      f"journal): it will not become healthy")
-        elif elapsed >= args.timeout:
-            reason = f"{args.url} did not answer OK within {args.timeout:.0f} s (last answer: {answer})"
+        if healthy:
+            print(json.dumps({"healthy": True, "seconds": elapsed, "reason": "", "state": state}))
+            return 0
+        reason = verdict(args, state, baseline, lambda: journal_errors(state.get("InvocationID")), elapsed, answer)
         if reason:
             print(json.dumps({"healthy": False, "seconds": elapsed, "reason": reason, "state": state}))
             return 1
