@@ -7,6 +7,7 @@ schema actually in the database (the migration ran in one transaction, so the ol
 """
 
 import json
+import uuid
 
 from mlflow_testlib import READ_BACK, client_script, journal, other_host, run_playbook, run_python, var
 
@@ -33,12 +34,13 @@ def version(name):
 
 
 def test_a_failed_migration_brings_every_stopped_server_back_on_the_release_of_the_schema(host):
-    logged = run_python(host, client_script(), LOCAL, "before-failed-migration", env=ADMIN)
+    logged = run_python(host, client_script(), LOCAL, f"before-failed-migration-{uuid.uuid4().hex[:8]}", env=ADMIN)
     assert logged.rc == 0, logged.stderr + journal(host)
     run_id = json.loads(logged.stdout.strip().splitlines()[-1])["run_id"]
     revision = psql("select version_num from alembic_version")
     assert psql(f"select to_regclass('public.{OBSTACLE}')") == "", f"{START} already has {OBSTACLE}"
-    psql(f"create table public.{OBSTACLE} (obstacle int)")
+    # The MLflow user's own, so that the backup before the migration dumps it like the rest.
+    psql(f"set role {var(APPS[0], 'mlflow_db_user')}; create table public.{OBSTACLE} (obstacle int)")
     try:
         result = run_playbook("site.yml", "mlflow_lb,mlflow_lb_backends", {"mlflow_version": NEW_SCHEMA}, timeout=1800)
     finally:

@@ -240,7 +240,7 @@ class PostgresRestore:
                                        stderr=subprocess.PIPE, env=env)
         try:
             # Query output goes nowhere; only the marker below reaches psql's standard output.
-            self.writer.stdin.write(b"\\o /dev/null\nBEGIN;\nDROP OWNED BY CURRENT_USER;\n"
+            self.writer.stdin.write(b"\\o /dev/null\nSET client_min_messages = warning;\nBEGIN;\nDROP OWNED BY CURRENT_USER;\n"
                                     b"CREATE SCHEMA IF NOT EXISTS public;\n")
             shutil.copyfileobj(reader.stdout, self.writer.stdin)
         except BrokenPipeError:  # psql stopped at an error (ON_ERROR_STOP): its transaction is gone
@@ -319,8 +319,11 @@ def restore(args):
                for item in manifest["stores"] if item["engine"] == "postgresql"]
     complete = all(p.read_ok for p in pending)
     if not all([p.finish(complete) for p in pending]):
-        detail = " | ".join(f"{safe(p.uri)}: {p.errors.strip()[-1500:]}" for p in pending if p.errors.strip())
-        raise SystemExit(f"the restore failed and was rolled back in every database, which are as they were: {detail}")
+        for p in pending:
+            if p.errors.strip():
+                print(f"{safe(p.uri)}: {p.errors.strip()[-1500:]}", file=sys.stderr)
+        raise SystemExit("the restore failed and was rolled back in every database, which are as they were "
+                         "(the errors are above)")
     restored += [{"role": item["role"], "uri": safe(targets[item["role"]])}
                  for item in manifest["stores"] if item["engine"] == "postgresql"]
     for item in manifest["stores"]:
