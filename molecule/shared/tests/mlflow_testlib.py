@@ -24,12 +24,25 @@ SERVICE = "mlflow"
 RESOURCES = pathlib.Path(__file__).parent
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (`-n 2 --dist loadgroup`, as the default scenario runs its suites), the tests
-    of one host run in one worker, in the order they were collected; the hosts run side by side."""
+    of one host run in one worker, in the order they were collected; the hosts run side by side.
+    LoadGroupScheduling groups tests by the `@group` suffix of their ids. pytest-xdist 3.8 under
+    pytest 9 no longer adds it for `xdist_group` marks (one host's tests ran in both workers at
+    once, and raced), so it is added here."""
+    # xdist's workers see loadgroup, its controller dist.
+    if not (getattr(config.option, "loadgroup", False) or getattr(config.option, "dist", None) == "loadgroup"):
+        return
     for item in items:
         hosts = getattr(item.module, "testinfra_hosts", None) or ["controller"]
-        item.add_marker(pytest.mark.xdist_group(",".join(hosts)))
+        if "@" not in item.nodeid:
+            with_group = f"{item.nodeid}@{','.join(hosts).replace('@', '_')}"
+            if hasattr(item, "_id"):  # pytest 9 keeps the id structured
+                from _pytest.nodeid import coerce_node_id
+
+                item._id = coerce_node_id(with_group)
+            else:
+                item._nodeid = with_group
 
 
 @functools.cache
